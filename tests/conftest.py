@@ -1,0 +1,81 @@
+"""Shared fixtures: small CIFAR-format data written by the tests, the real CIFAR-10
+beside the checkout when present, and GPU/TensorRT markers that skip without hardware."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = Path(os.environ.get("VITDEPLOY_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar-10-batches-py"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_gpu = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = has_gpu
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))
+
+
+def make_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Learnable CIFAR-like images: noise plus a class-specific colour and bar position."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    images = rng.integers(0, 96, size=(n, 3, 32, 32), dtype=np.int64)
+    for i, c in enumerate(labels):
+        images[i, c % 3] += 120
+        images[i, :, 3 * c: 3 * c + 3, :] += 100
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def write_batch(path: Path, labels: np.ndarray, seed: int) -> None:
+    data = make_images(labels, seed).reshape(len(labels), -1)
+    with open(path, "wb") as f:
+        pickle.dump({"batch_label": path.name, "data": data, "labels": [int(x) for x in labels]}, f, protocol=2)
+
+
+def write_cifar(root: Path, per_batch: int = 40, test_size: int = 50) -> Path:
+    """A complete small cifar-10-batches-py under `root`; returns `root`."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        write_batch(folder / f"data_batch_{i}", np.arange(per_batch) % 10, seed=i)
+    write_batch(folder / "test_batch", np.arange(test_size) % 10, seed=99)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 training and 50 test images in the standard layout (read-only by convention)."""
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture
+def shared_cifar() -> Path:
+    if not (SHARED_CIFAR / "test_batch").is_file():
+        pytest.skip(f"real CIFAR-10 test set not found at {SHARED_CIFAR}")
+    return SHARED_CIFAR
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m vitdeploy ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "vitdeploy", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )

@@ -1,0 +1,160 @@
+"""Training on small CIFAR-format data: learning, checkpoints, summary, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitdeploy.train.loop as loop
+from tests.conftest import REPO
+from vitdeploy.checkpoint import load_checkpoint
+from vitdeploy.errors import VitDeployError
+from vitdeploy.train import StopRequest, TrainConfig, run_training
+
+
+def config(cifar_root: Path, out: Path, **overrides) -> TrainConfig:
+    base = dict(data_dir=str(cifar_root), out=str(out), epochs=2, batch_size=16, lr=1e-3, val_size=40,
+                log_every=1, device="cpu", keep_checkpoints=0)
+    return TrainConfig.from_options("vit_cifar_tiny", **{**base, **overrides})
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["type"] == "step"}
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def full_run(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted two-epoch run, the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = run_training(config(cifar_root, out))
+    assert result.interrupted is None
+    return out
+
+
+def test_training_lowers_the_loss_and_writes_its_files(full_run: Path) -> None:
+    losses = list(step_losses(full_run).values())
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    for name in ("config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt"):
+        assert (full_run / name).is_file(), name
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 20 and summary["train_images"] == 320
+    assert summary["train_images_per_s"] == pytest.approx(summary["train_images"] / summary["train_loop_seconds"])
+    assert "evaluation and checkpointing excluded" in summary["train_images_per_s_definition"]
+    assert summary["test_images"] == 50 and 0 <= summary["final_test_acc"] <= 1
+    assert summary["device"]["type"] == "cpu" and summary["versions"]["torch"] == torch.__version__
+
+
+def test_checkpoint_describes_how_to_feed_the_model(full_run: Path) -> None:
+    ckpt = load_checkpoint(full_run / "last.pt")  # weights_only=True inside
+    assert ckpt["model_name"] == "vit_cifar_tiny" and ckpt["epoch"] == 2 and ckpt["step"] == 20
+    assert ckpt["preprocessing"] == {"source_size": 32, "input_size": 32, "resize_mode": "bilinear",
+                                     "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
+    assert ckpt["class_names"][0] == "airplane" and len(ckpt["class_names"]) == 10
+    assert ckpt["config"]["batch_size"] == 16 and ckpt["precision"] == "fp32"
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "progress"):
+        assert key in ckpt
+    assert (full_run / "last.pt").samefile(full_run / "checkpoints" / "epoch-0002.pt")
+
+
+def test_stop_mid_epoch_then_resume_matches_uninterrupted(cifar_root: Path, tmp_path: Path, full_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = StopRequest()
+    calls = {"n": 0}
+    real_step = loop.train_step
+
+    def counting_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:  # step 13 of 20: in the middle of epoch 2
+            stop.set(signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", counting_step)
+    out = tmp_path / "run"
+    result = run_training(config(cifar_root, out), stop=stop)
+    assert result.interrupted == signal.SIGTERM and result.summary is None
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 13 and ckpt["progress"]["batch"] == 3
+    monkeypatch.setattr(loop, "train_step", real_step)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    resumed = run_training(cfg, resume=ckpt, resume_dir=out)
+    assert_same_losses(step_losses(full_run), step_losses(out))
+    reference = json.loads((full_run / "summary.json").read_text())
+    assert resumed.summary["final_test_acc"] == reference["final_test_acc"]
+    assert resumed.summary["best_val_acc"] == reference["best_val_acc"]
+
+
+def test_resume_from_epoch_one_checkpoint_into_new_folder(full_run: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(full_run / "checkpoints" / "epoch-0001.pt")
+    cfg = TrainConfig.from_dict(ckpt["config"]).resumed({"out": str(tmp_path / "again")})
+    result = run_training(cfg, resume=ckpt, resume_dir=full_run)
+    reference = json.loads((full_run / "summary.json").read_text())
+    assert result.summary["final_test_acc"] == reference["final_test_acc"]
+    assert_same_losses(step_losses(full_run), step_losses(tmp_path / "again"))
+
+
+def test_resume_refuses_changed_settings(full_run: Path) -> None:
+    saved = TrainConfig.from_dict(load_checkpoint(full_run)["config"])
+    with pytest.raises(VitDeployError, match="trained with --model vit_cifar_tiny, not vit_cifar_small"):
+        saved.resumed({"model": "vit_cifar_small"})
+    with pytest.raises(VitDeployError, match="--lr"):
+        saved.resumed({"lr": 0.5})
+    assert saved.resumed({"epochs": 4, "lr": saved.lr}).epochs == 4
+
+
+def test_max_steps_and_subset(cifar_root: Path, tmp_path: Path) -> None:
+    result = run_training(config(cifar_root, tmp_path / "run", max_steps=3, subset=64))
+    assert result.summary["steps"] == 3 and result.summary["train_images"] == 48
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["progress"]["batch"] == 3 and ckpt["epoch"] == 0  # resumable inside epoch 1
+
+
+def test_grad_accum_keeps_the_global_batch(cifar_root: Path, tmp_path: Path) -> None:
+    result = run_training(config(cifar_root, tmp_path / "run", max_steps=2, grad_accum=4))
+    assert result.summary["train_images"] == 32
+    with pytest.raises(VitDeployError, match="divisible by --grad-accum"):
+        config(cifar_root, tmp_path / "x", grad_accum=3)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vitdeploy", "train", "--model", "vit_cifar_tiny", "--device", "cpu",
+            "--epochs", "2", "--batch-size", "16", "--val-size", "40", "--log-every", "1", *args]
+
+
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(cifar_root: Path, tmp_path: Path) -> None:
+    """Real processes and a real SIGTERM, as a user or a cluster scheduler would send it."""
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_cli("--data-dir", str(cifar_root), "--out", str(ref)), check=True, env=env, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_cli("--data-dir", str(cifar_root), "--out", str(run)), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "resumable checkpoint" in output
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] < 20 and ckpt["progress"]["batch"] > 0  # stopped inside an epoch
+    resumed = subprocess.run([sys.executable, "-m", "vitdeploy", "train", "--resume", str(run)],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_losses(step_losses(ref), step_losses(run))
+    assert json.loads((ref / "summary.json").read_text())["final_test_acc"] == json.loads((run / "summary.json").read_text())["final_test_acc"]

@@ -1,0 +1,101 @@
+"""Checkpoint files: written atomically, read without executing code.
+
+A checkpoint is one dict of tensors and plain Python types (see `FORMAT`), so
+`torch.load(weights_only=True)` reads it and a file carrying arbitrary pickled objects
+is refused instead of run. Writes go to a temporary file that is fsynced and renamed,
+so a crash or a full disk never leaves a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdeploy.errors import VitDeployError
+
+FORMAT = "vitdeploy-checkpoint"
+FORMAT_VERSION = 1
+
+
+def safe_load(path: Path, what: str = "weights file") -> Any:
+    """Load a torch file with weights_only=True, turning every failure into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitDeployError(f"{what} {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise VitDeployError(
+            f"refused to load {what} {path}: it holds objects other than tensors and plain types "
+            "(weights_only=True), which could run code; use a file saved as a plain state dict "
+            "or a vitdeploy checkpoint"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise VitDeployError(f"{what} {path} is truncated or not a torch file ({exc}); use an intact file") from exc
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A vitdeploy checkpoint, validated by its format marker. A run folder means its last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    data = safe_load(path, "checkpoint")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise VitDeployError(f"{path} is not a vitdeploy checkpoint; pass a file written by `vitdeploy train`")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise VitDeployError(
+            f"{path} has checkpoint format {data.get('format_version')}, this vitdeploy reads {FORMAT_VERSION}; "
+            "use the vitdeploy version that wrote it"
+        )
+    return data
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make `path` name the same file as `source` (a hard link, a copy where links fail), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

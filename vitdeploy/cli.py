@@ -1,0 +1,239 @@
+"""The `vitdeploy` command line: thin Typer commands over the library.
+
+A `VitDeployError` becomes one line on stderr and exit code 1 (`--debug` shows the
+traceback); usage mistakes are Typer's exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from vitdeploy import __version__
+from vitdeploy.errors import VitDeployError
+
+app = typer.Typer(
+    name="vitdeploy",
+    help="Fine-tune a Vision Transformer on CIFAR-10 and deploy it fast and verified.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+_state = {"debug": False}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Source(str, Enum):
+    real = "real"
+    synthetic = "synthetic"
+    both = "both"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vitdeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+    """Versions, CUDA devices, ONNX Runtime providers, and which backends can run here."""
+    from vitdeploy.versions import backend_statuses, cuda_devices, versions
+
+    record = {
+        "versions": versions(),
+        "cuda_devices": cuda_devices(),
+        "onnxruntime_providers": _ort_providers(),
+        "backends": [{"name": b.name, "usable": b.usable, "reason": b.reason} for b in backend_statuses()],
+    }
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    table = Table("package", "version", title="versions")
+    for name, value in record["versions"].items():
+        table.add_row(name, value or "not installed")
+    console.print(table)
+    devices = record["cuda_devices"]
+    console.print("CUDA devices: " + (", ".join(f"{d['index']}: {d['name']} (sm {d['compute_capability']}, {d['memory_gib']} GiB)" for d in devices) or "none"))
+    console.print("ONNX Runtime providers: " + (", ".join(record["onnxruntime_providers"]) or "none (onnxruntime not installed)"))
+    table = Table("backend", "usable", "detail", title="backends")
+    for b in record["backends"]:
+        table.add_row(b["name"], "yes" if b["usable"] else "no", escape(b["reason"]))
+    console.print(table)
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """The model registry: parameters, input size, GFLOPs per image, weights, training recipe.
+
+    GFLOPs count one forward pass of one image, a multiply-add being 2 FLOPs (matmuls and
+    convolutions, as torch's FlopCounterMode counts them).
+    """
+    from vitdeploy.models import REGISTRY, model_cost
+
+    rows = []
+    for spec in REGISTRY.values():
+        params, gflops = model_cost(spec.name)
+        rows.append({
+            "name": spec.name,
+            "params_millions": round(params / 1e6, 2),
+            "input_px": spec.input_size,
+            "patch_px": spec.patch_size,
+            "gflops_per_image": round(gflops, 2),
+            "pretrained_weights": list(spec.pretrained),
+            "default_lr": spec.recipe.lr,
+            "default_batch_size": spec.recipe.batch_size,
+            "default_epochs": spec.recipe.epochs,
+            "description": spec.description,
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "params (M)", "input px", "GFLOPs/img", "pretrained weights", "lr / batch / epochs",
+                  title="models (GFLOPs: forward pass, 1 multiply-add = 2 FLOPs)")
+    for r in rows:
+        table.add_row(r["name"], f"{r['params_millions']:.1f}", str(r["input_px"]), f"{r['gflops_per_image']:.2f}",
+                      ", ".join(r["pretrained_weights"]) or "none (from scratch)",
+                      f"{r['default_lr']:g} / {r['default_batch_size']} / {r['default_epochs']}")
+    console.print(table)
+
+
+@app.command()
+def train(
+    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`. [default: vit_b_16]")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself). [default: data]")] = None,
+    download: Annotated[Optional[bool], typer.Option("--download", help="Download CIFAR-10 into --data-dir with torchvision first.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics. [default: runs/MODEL-TIME; with --resume, the checkpoint's run]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: the model's recipe]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size per optimizer step. [default: the model's recipe]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). [default: the model's recipe]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.05]")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise LR decay, 1 = off. [default: 0.75 fine-tuning, 1 from scratch]")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing. [default: 0.1]")] = None,
+    warmup_frac: Annotated[Optional[float], typer.Option(help="Fraction of steps for linear warm-up before cosine decay. [default: 0.05]")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Gradient-norm clip, 0 = off. [default: 1.0]")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (batch size stays global). [default: 1]")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint. [default: 5000]")] = None,
+    subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (quick runs).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init. [default: 0]")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Where to train. [default: auto]")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU. [default: auto]")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online). [default: yes where the model has them]")] = None,
+    pretrained_weights: Annotated[Optional[str], typer.Option(help="Which ImageNet weights (see `vitdeploy models`). [default: the first listed]")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict or vitdeploy checkpoint.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from a checkpoint file or run folder (its last.pt).")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record. [default: 20]")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all. [default: 2]")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test. [default: --batch-size]")] = None,
+) -> None:
+    """Train or fine-tune a ViT on CIFAR-10 (validation split for model selection, test set reported)."""
+    from vitdeploy.checkpoint import load_checkpoint
+    from vitdeploy.models import DEFAULT_MODEL
+    from vitdeploy.train import TrainConfig, run_dir_of, run_training
+
+    options = {
+        "model": model, "data_dir": _str(data_dir), "download": download, "out": _str(out), "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay,
+        "label_smoothing": label_smoothing, "warmup_frac": warmup_frac, "grad_clip": grad_clip,
+        "grad_accum": grad_accum, "val_size": val_size, "subset": subset, "max_steps": max_steps, "seed": seed,
+        "device": device.value if device else None, "precision": precision.value if precision else None,
+        "compile": compile, "pretrained": pretrained, "pretrained_weights": pretrained_weights,
+        "weights": _str(weights), "log_every": log_every, "keep_checkpoints": keep_checkpoints,
+        "eval_batch_size": eval_batch_size,
+    }
+    if resume is not None:
+        checkpoint = load_checkpoint(resume)
+        run_dir = run_dir_of(resume)
+        options["out"] = options["out"] or str(run_dir)
+        config = TrainConfig.from_dict(checkpoint["config"]).resumed(options)
+        console.print(f"resuming {config.model} from {resume} at step {checkpoint['step']}")
+        result = run_training(config, resume=checkpoint, resume_dir=run_dir, console=console)
+    else:
+        name = options.pop("model") or DEFAULT_MODEL
+        options["out"] = options["out"] or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run_training(TrainConfig.from_options(name, **options), console=console)
+    if result.interrupted is not None:
+        raise typer.Exit(128 + result.interrupted)
+
+
+@app.command("bench-train")
+def bench_train(
+    model: Annotated[str, typer.Option(help="Model name from `vitdeploy models`.")] = "vit_b_16",
+    batch_size: Annotated[int, typer.Option(help="Batch size per step.")] = 128,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 20,
+    warmup_steps: Annotated[int, typer.Option(help="Untimed steps first (allocation, autotuning, compilation).")] = 5,
+    source: Annotated[Source, typer.Option(help="real: CIFAR-10 through the on-device pipeline; synthetic: ready model-input tensors; both: compare.")] = Source.both,
+    data_dir: Annotated[Path, typer.Option(help="Folder holding cifar-10-batches-py (for --source real/both).")] = Path("data"),
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
+    precision: Annotated[Precision, typer.Option(help="Arithmetic, as for train.")] = Precision.auto,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the records to this JSON file.")] = None,
+) -> None:
+    """Training throughput (images/s) with real data vs synthetic tensors: is the input pipeline the bottleneck?"""
+    from vitdeploy.train.throughput import measure
+
+    sources = ["real", "synthetic"] if source is Source.both else [source.value]
+    records = measure(model, batch_size, steps, warmup_steps, sources, data_dir, device.value, precision.value, compile, json_out)
+    table = Table("model", "source", "precision", "batch", "images/s", "ms/step", title=f"training throughput on {records[0]['device']['name']}")
+    for r in records:
+        table.add_row(r["model"], r["source"], r["precision"], str(r["batch_size"]), f"{r['train_images_per_s']:,.1f}", f"{r['step_ms_mean']:.1f}")
+    console.print(table)
+    if len(records) == 2:
+        ratio = records[0]["train_images_per_s"] / records[1]["train_images_per_s"]
+        console.print(f"real / synthetic = {ratio:.3f} (1.0 means the input pipeline costs nothing)")
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point: domain errors become one line and exit code 1."""
+    try:
+        app(args=argv, prog_name="vitdeploy")
+    except VitDeployError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,519 @@
+"""Fine-tuning / training: train_one_epoch, evaluate and `run_training`, with exact resume.
+
+Data order and augmentation are functions of (seed, epoch, sample index), the schedule
+counts optimizer steps, and every checkpoint records the position inside the epoch, so
+a run stopped by SIGINT/SIGTERM and resumed logs the same losses as one that never
+stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from vitdeploy import __version__
+from vitdeploy.checkpoint import FORMAT, FORMAT_VERSION, atomic_link, atomic_save, load_checkpoint
+from vitdeploy.data import ImageSet, load_splits
+from vitdeploy.errors import VitDeployError
+from vitdeploy.models import build_model, get_spec, load_pretrained, load_weights_file
+from vitdeploy.preprocess import Preprocess, Preprocessing, augment_params, epoch_permutation, random_crop_flip
+from vitdeploy.train.config import TrainConfig
+from vitdeploy.train.precision import DTYPES, choose_precision
+from vitdeploy.train.schedule import WarmupCosine, build_optimizer
+from vitdeploy.versions import device_record, versions
+
+IMAGES_PER_S_DEFINITION = "training images processed / training-loop wall time (evaluation and checkpointing excluded)"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitDeployError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    return device
+
+
+def autocast(device: torch.device, precision: str):  # noqa: ANN201 - a context manager
+    """Autocast for bf16/fp16; a no-op for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class DeviceData:
+    """One image set held on the device as uint8; batches are gathered, augmented and
+    preprocessed there, so the host never touches individual images."""
+
+    def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        images = data.images.pin_memory() if pin else data.images
+        self.images = images.to(device, non_blocking=pin)
+        self.labels = data.labels.to(device, non_blocking=pin)
+        self.preprocess = preprocess.to(device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, indices: torch.Tensor, augment: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model input and labels for `indices`; `augment` = (seed, epoch, crop padding)."""
+        idx = indices.to(self.device, non_blocking=True)
+        images = self.images[idx]
+        if augment is not None:
+            seed, epoch, pad = augment
+            dy, dx, flip = augment_params(seed, epoch, indices, pad)
+            images = random_crop_flip(images, dy, dx, flip, pad)
+        return self.preprocess(images), self.labels[idx]
+
+
+@dataclass
+class StepContext:
+    """What one optimizer step needs besides the batch."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+    grad_accum: int
+    grad_clip: float
+    label_smoothing: float
+
+
+def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Forward and backward over `grad_accum` micro-batches, then one optimizer step.
+
+    Returns the batch's mean loss as a device tensor (no host sync).
+    """
+    total = torch.zeros((), device=ctx.device)
+    for x, y in zip(inputs.chunk(ctx.grad_accum), labels.chunk(ctx.grad_accum)):
+        with autocast(ctx.device, ctx.precision):
+            loss = F.cross_entropy(ctx.model(x), y, label_smoothing=ctx.label_smoothing)
+        ctx.scaler.scale(loss / ctx.grad_accum).backward()
+        total += loss.detach().float() / ctx.grad_accum
+    if ctx.grad_clip > 0:
+        ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, precision: str) -> dict[str, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy over the whole set."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=data.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    for start in range(0, len(data), batch_size):
+        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        with autocast(data.device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train()
+    n = len(data)
+    return {"acc": correct.item() / n, "loss": loss_sum.item() / n, "images": n}
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM (or a caller); the loop checks it at every step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def set(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @contextmanager
+    def on_signals(self) -> Iterator[None]:
+        """Route SIGINT/SIGTERM here; a second SIGINT interrupts at once."""
+
+        def handler(signum: int, _frame: object) -> None:
+            if self and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.set(signum)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@dataclass
+class Progress_:
+    """Where the run stands; saved in every checkpoint so that resuming continues exactly."""
+
+    epoch: int = 0  # the epoch being trained (0-based)
+    batch: int = 0  # the next batch inside that epoch
+    step: int = 0  # optimizer steps done
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    best_step: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0
+    epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # sum, count
+    window_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # sum, count since the last log record
+
+
+@dataclass
+class TrainResult:
+    """How the run ended; `interrupted` names the signal when it stopped early."""
+
+    out: Path
+    summary: dict[str, Any] | None
+    interrupted: int | None = None
+    checkpoint: Path | None = None
+
+
+class _Run:
+    """The state of one training process: model, optimizer, data, files."""
+
+    def __init__(self, config: TrainConfig, console: Console, resume: dict[str, Any] | None) -> None:
+        self.config = config
+        self.console = console
+        self.spec = get_spec(config.model)
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.precision = choose_precision(self.device, config.precision)
+        self.preprocessing: Preprocessing = self.spec.preprocessing()
+        splits = load_splits(Path(config.data_dir), config.val_size, config.seed, config.subset, config.download)
+        self.class_names = splits.class_names
+        self.steps_per_epoch = len(splits.train) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise VitDeployError(
+                f"the training set has {len(splits.train)} images, fewer than one batch of {config.batch_size}; "
+                "lower --batch-size or raise --subset"
+            )
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        preprocess = Preprocess(self.preprocessing)
+        self.train_data = DeviceData(splits.train, preprocess, self.device)
+        self.val_data = DeviceData(splits.val, preprocess, self.device)
+        self.test_data = DeviceData(splits.test, preprocess, self.device)
+        self.eval_batch_size = config.eval_batch_size or config.batch_size
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(self.spec, len(self.class_names))
+        if resume is None:
+            self._load_initial_weights()
+        else:
+            self.model.load_state_dict(resume["model"])
+        self.model.to(self.device)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers)
+        self.schedule = WarmupCosine(self.optimizer, config.lr, self.total_steps, round(config.warmup_frac * self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.progress = Progress_()
+        if resume is not None:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.schedule.load_state_dict(resume["scheduler"])
+            self.scaler.load_state_dict(resume["scaler"])
+            self.progress = Progress_(**resume["progress"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            if self.device.type == "cuda" and resume["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        self.step_ctx = StepContext(
+            self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
+            config.grad_accum, config.grad_clip, config.label_smoothing,
+        )
+
+    def _load_initial_weights(self) -> None:
+        if self.config.weights:
+            report = load_weights_file(self.model, self.spec, Path(self.config.weights))
+        elif self.config.pretrained:
+            report = load_pretrained(self.model, self.spec, self.config.pretrained_weights)
+        else:
+            self.console.print(f"{self.spec.name}: random initialization (training from scratch)")
+            return
+        self.console.print(report.describe())
+
+    # -- files --------------------------------------------------------------------------
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vitdeploy_version": __version__,
+            "model_name": self.spec.name,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": dict(self.progress.__dict__),
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+            "rng": rng,
+            "config": self.config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "class_names": list(self.class_names),
+            "precision": self.precision,
+        }
+
+    def save_checkpoint(self, is_best: bool = False) -> Path:
+        """At an epoch boundary checkpoints/epoch-NNNN.pt (older ones pruned), otherwise a
+        mid-epoch position; last.pt always names the newest, best.pt the best on validation."""
+        prog = self.progress
+        if prog.batch == 0 and prog.epoch > 0:
+            folder = self.out / "checkpoints"
+            folder.mkdir(exist_ok=True)
+            path = folder / f"epoch-{prog.epoch:04d}.pt"
+            atomic_save(self.checkpoint_dict(), path)
+            atomic_link(path, self.out / "last.pt")
+            if self.config.keep_checkpoints:
+                for old in sorted(folder.glob("epoch-*.pt"))[: -self.config.keep_checkpoints]:
+                    old.unlink()
+        else:
+            path = self.out / "last.pt"
+            atomic_save(self.checkpoint_dict(), path)
+        if is_best:
+            atomic_link(path, self.out / "best.pt")
+        return path
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    # -- training -----------------------------------------------------------------------
+
+    def _log_window(self, epoch: int, window_images: int, window_seconds: float) -> dict[str, Any]:
+        loss_sum, count = self.progress.window_loss
+        record = {
+            "type": "step",
+            "epoch": epoch + 1,
+            "step": self.progress.step,
+            "loss": loss_sum / count,
+            "lr": self.schedule.lr,
+            "train_images_per_s": window_images / window_seconds if window_seconds > 0 else None,
+        }
+        self.log(record)
+        self.progress.window_loss = [0.0, 0]
+        return record
+
+    def train_one_epoch(self, epoch: int, stop: StopRequest, bar: Progress, task: Any) -> bool:
+        """Train from the saved position to the end of `epoch` (or --max-steps); False if stopped."""
+        cfg, prog = self.config, self.progress
+        order = epoch_permutation(cfg.seed, epoch, len(self.train_data))
+        pending: list[torch.Tensor] = []
+        window = {"images": 0, "seconds": 0.0, "start": time.perf_counter()}
+
+        def flush() -> None:
+            """Bring pending losses to the host (the one sync per logging window) and count time."""
+            elapsed = time.perf_counter() - window["start"]
+            losses = torch.stack(pending).tolist() if pending else []
+            pending.clear()
+            prog.train_seconds += elapsed
+            window["seconds"] += elapsed
+            for value in losses:
+                if not math.isfinite(value):
+                    raise VitDeployError(f"the training loss became {value} near step {prog.step}; lower --lr or use --precision fp32")
+                prog.window_loss = [prog.window_loss[0] + value, prog.window_loss[1] + 1]
+                prog.epoch_loss = [prog.epoch_loss[0] + value, prog.epoch_loss[1] + 1]
+            window["start"] = time.perf_counter()
+
+        stopped = False
+        while prog.batch < self.steps_per_epoch and prog.step < self.total_steps:
+            if stop:
+                stopped = True
+                break
+            indices = order[prog.batch * cfg.batch_size: (prog.batch + 1) * cfg.batch_size]
+            inputs, labels = self.train_data.batch(indices, augment=(cfg.seed, epoch, cfg.crop_padding))
+            pending.append(train_step(self.step_ctx, inputs, labels))
+            self.schedule.step()
+            prog.batch += 1
+            prog.step += 1
+            prog.train_images += len(indices)
+            window["images"] += len(indices)
+            if prog.step % cfg.log_every == 0 or prog.batch == self.steps_per_epoch or prog.step == self.total_steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                flush()
+                record = self._log_window(epoch, window["images"], window["seconds"])
+                bar.update(task, completed=prog.step, loss=record["loss"], lr=record["lr"], ips=record["train_images_per_s"] or 0.0)
+                window["images"], window["seconds"] = 0, 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        flush()
+        return not stopped
+
+    def evaluate_and_checkpoint(self, epoch: int) -> dict[str, Any]:
+        """Validation, the epoch record and a checkpoint; at an epoch's end the position moves to the next epoch."""
+        prog = self.progress
+        val = evaluate(self.model, self.val_data, self.eval_batch_size, self.precision)
+        complete = prog.batch == self.steps_per_epoch
+        is_best = val["acc"] > prog.best_val_acc
+        if is_best:
+            prog.best_val_acc, prog.best_epoch, prog.best_step = val["acc"], epoch + 1, prog.step
+        record = {
+            "type": "epoch",
+            "epoch": epoch + 1,
+            "step": prog.step,
+            "complete": complete,
+            "train_loss": prog.epoch_loss[0] / max(1, prog.epoch_loss[1]),
+            "val_acc": val["acc"],
+            "val_loss": val["loss"],
+            "train_images_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,
+        }
+        self.log(record)
+        if complete:
+            prog.epoch, prog.batch, prog.epoch_loss = epoch + 1, 0, [0.0, 0]
+        self.save_checkpoint(is_best)
+        return record
+
+    def final_report(self, wall_seconds: float) -> dict[str, Any]:
+        prog = self.progress
+        final = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision)
+        best = final
+        if prog.best_step != prog.step and (self.out / "best.pt").is_file():
+            best_model = build_model(self.spec, len(self.class_names))
+            best_model.load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
+            best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision)
+        self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
+        summary = {
+            "model": self.spec.name,
+            "epochs": prog.epoch,
+            "steps": prog.step,
+            "best_epoch": prog.best_epoch,
+            "best_val_acc": prog.best_val_acc,
+            "best_test_acc": best["acc"],
+            "final_test_acc": final["acc"],
+            "test_images": final["images"],
+            "train_images": prog.train_images,
+            "train_loop_seconds": prog.train_seconds,
+            "train_images_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,
+            "train_images_per_s_definition": IMAGES_PER_S_DEFINITION,
+            "wall_seconds_this_process": wall_seconds,
+            "precision": self.precision,
+            "batch_size": self.config.batch_size,
+            "device": device_record(self.device),
+            "versions": versions(),
+            "config": self.config.to_dict(),
+        }
+        tmp = self.out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.out / "summary.json")
+        return summary
+
+
+def check_out_dir(out: Path, resuming: bool) -> None:
+    """Fail early on a run folder that holds another run (unless resuming into it) or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise VitDeployError(f"--out {out} is a file; choose a folder")
+    if not resuming and out.is_dir() and any(out.iterdir()):
+        raise VitDeployError(f"--out {out} already holds files; continue that run with --resume {out}, or choose another --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise VitDeployError(f"cannot write to --out {out} ({existing} is not a writable folder); choose a writable folder")
+
+
+def make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VitDeployError(f"cannot create --out {out} ({exc.strerror or exc}); choose a writable folder") from exc
+
+
+def _carry_metrics(source_dir: Path, out: Path, step: int) -> None:
+    """Keep the metrics up to the resumed step, dropping what the resumed run will write again."""
+    source = source_dir / "metrics.jsonl"
+    if not source.is_file():
+        return
+    kept = []
+    for line in source.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a hard kill
+        if record.get("type") in ("step", "epoch") and record.get("step", step + 1) <= step:
+            kept.append(line)
+    tmp = out / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        return checkpoint
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def run_training(
+    config: TrainConfig,
+    resume: dict[str, Any] | None = None,
+    resume_dir: Path | None = None,
+    console: Console | None = None,
+    stop: StopRequest | None = None,
+) -> TrainResult:
+    """Train per `config` (from `resume`, a loaded checkpoint, if given) until done or stopped."""
+    console = Console(soft_wrap=True) if console is None else console
+    stop = StopRequest() if stop is None else stop
+    wall_start = time.perf_counter()
+    out = Path(config.out)
+    check_out_dir(out, resuming=resume is not None)
+    run = _Run(config, console, resume)
+    make_out_dir(out)
+    if resume is not None:
+        _carry_metrics(resume_dir or out, out, run.progress.step)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    prog = run.progress
+    console.print(
+        f"training {run.spec.name} on {run.device} ({run.precision}): {len(run.train_data)} train / "
+        f"{len(run.val_data)} val / {len(run.test_data)} test images, {run.total_steps} steps of "
+        f"{config.batch_size}; output in {out}"
+    )
+    columns = [
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:,.0f} img/s"),
+        TimeRemainingColumn(),
+    ]
+    with stop.on_signals(), Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("train", total=run.total_steps, completed=prog.step, loss=float("nan"), lr=run.schedule.lr, ips=0.0)
+        while prog.epoch < config.epochs and prog.step < run.total_steps:
+            epoch = prog.epoch
+            if not run.train_one_epoch(epoch, stop, bar, task):
+                path = run.save_checkpoint()
+                console.print(
+                    f"stopped by signal {stop.signum} at step {prog.step}; resumable checkpoint {path} "
+                    f"(continue with: vitdeploy train --resume {path})"
+                )
+                return TrainResult(out, None, interrupted=stop.signum, checkpoint=path)
+            record = run.evaluate_and_checkpoint(epoch)
+            console.print(
+                f"epoch {epoch + 1}/{config.epochs}{'' if record['complete'] else ' (partial, --max-steps)'}  "
+                f"train_loss {record['train_loss']:.4f}  val_acc {100 * record['val_acc']:.2f}%  "
+                f"val_loss {record['val_loss']:.4f}  {record['train_images_per_s'] or 0:,.0f} img/s"
+            )
+    summary = run.final_report(time.perf_counter() - wall_start)
+    console.print(
+        f"done: best val_acc {100 * summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}), "
+        f"test_acc final {100 * summary['final_test_acc']:.2f}% / best {100 * summary['best_test_acc']:.2f}%, "
+        f"{summary['train_images_per_s'] or 0:,.0f} train img/s; {out / 'summary.json'}"
+    )
+    return TrainResult(out, summary, checkpoint=out / "last.pt")
