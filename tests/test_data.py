@@ -104,3 +104,21 @@ def test_pickle_with_code_is_refused_not_run(tmp_path: Path) -> None:
     with pytest.raises(VitDeployError, match="corrupt"):
         read_batch(path)
     assert not marker.exists()
+
+
+def test_download_is_skipped_when_the_files_are_there(cifar_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("must not download"))
+    assert len(load_splits(cifar_root, val_size=40, seed=0, download=True).test) == 50
+
+
+def test_download_failure_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    def offline(*_args, **_kwargs):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(VitDeployError, match="downloading CIFAR-10 into .* failed .*copy the cifar-10-batches-py folder there"):
+        load_splits(tmp_path, val_size=40, seed=0, download=True)

@@ -141,7 +141,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
 def train(
     model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`. [default: vit_b_16]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself). [default: data]")] = None,
-    download: Annotated[Optional[bool], typer.Option("--download", help="Download CIFAR-10 into --data-dir with torchvision first.")] = None,
+    download: Annotated[Optional[bool], typer.Option("--download", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics. [default: runs/MODEL-TIME; with --resume, the checkpoint's run]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: the model's recipe]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size per optimizer step. [default: the model's recipe]")] = None,
@@ -199,8 +199,8 @@ def train(
 
 @app.command("bench-train")
 def bench_train(
-    model: Annotated[str, typer.Option(help="Model name from `vitdeploy models`.")] = "vit_b_16",
-    batch_size: Annotated[int, typer.Option(help="Batch size per step.")] = 128,
+    model: Annotated[list[str], typer.Option(help="Model name from `vitdeploy models`; repeat for several.")] = ["vit_b_16"],  # noqa: B006 - Typer default
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per step. [default: each model's recipe]")] = None,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Untimed steps first (allocation, autotuning, compilation).")] = 5,
     source: Annotated[Source, typer.Option(help="real: CIFAR-10 through the on-device pipeline; synthetic: ready model-input tensors; both: compare.")] = Source.both,
@@ -208,7 +208,7 @@ def bench_train(
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="Arithmetic, as for train.")] = Precision.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the records to this JSON file.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the records to this JSON file (rewritten after each measurement).")] = None,
 ) -> None:
     """Training throughput (images/s) with real data vs synthetic tensors: is the input pipeline the bottleneck?"""
     from vitdeploy.train.throughput import measure
@@ -219,9 +219,89 @@ def bench_train(
     for r in records:
         table.add_row(r["model"], r["source"], r["precision"], str(r["batch_size"]), f"{r['train_images_per_s']:,.1f}", f"{r['step_ms_mean']:.1f}")
     console.print(table)
-    if len(records) == 2:
-        ratio = records[0]["train_images_per_s"] / records[1]["train_images_per_s"]
-        console.print(f"real / synthetic = {ratio:.3f} (1.0 means the input pipeline costs nothing)")
+    for r in records:
+        if "real_over_synthetic" in r:
+            console.print(f"{r['model']}: real / synthetic = {r['real_over_synthetic']:.3f} (1.0: the input pipeline costs nothing)")
+
+
+class BackendName(str, Enum):
+    pytorch = "pytorch"
+    ort_cpu = "ort-cpu"
+    ort_cuda = "ort-cuda"
+    trt = "trt"
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="A run folder (its best.pt) or a checkpoint file.")],
+    out: Annotated[Path, typer.Option(help="Artifact folder to write (manifest.json and the models).")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
+    trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing). [default: with --fp16, when possible]")] = None,
+    min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT optimizes for.")] = 32,
+    max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
+    preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
+    parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N). [default: the full test set]")] = 10_000,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py. [default: the run's]")] = None,
+    triton: Annotated[Optional[Path], typer.Option(help="Also lay out a Triton model repository here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty --out.")] = False,
+    workspace_gb: Annotated[float, typer.Option(help="TensorRT builder workspace limit, GiB.")] = 4.0,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, reused across builds. [default: ~/.cache/vitdeploy/tensorrt-timing.cache]")] = None,
+    hardware_compatible: Annotated[bool, typer.Option("--hardware-compatible", help="TensorRT engine that runs on any Ampere or newer GPU (slower).")] = False,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="TensorRT engine that later TensorRT versions can run.")] = False,
+) -> None:
+    """Export a trained model: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
+    from vitdeploy.export.artifacts import ExportOptions, export_artifacts
+
+    options = ExportOptions(
+        source=source, out=out, fp16=fp16, trt=trt, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+        preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
+        workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
+        version_compatible=version_compatible,
+    )
+    export_artifacts(options, say=lambda line: console.print(escape(line)))
+    console.print(f"wrote {out / 'manifest.json'}")
+
+
+@app.command()
+def predict(
+    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...), any size.")],
+    backend: Annotated[BackendName, typer.Option(help="Which runtime to use.")] = BackendName.ort_cpu,
+    precision: Annotated[Precision, typer.Option(help="Which artifact: fp32 or fp16 (auto: fp32).")] = Precision.auto,
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Top-k classes for image files through any backend, fed exactly as the manifest says."""
+    import numpy as np
+
+    from vitdeploy.backends.base import run_batches
+    from vitdeploy.backends.factory import model_input, open_backend
+    from vitdeploy.images import load_image_file
+    from vitdeploy.manifest import read_manifest
+
+    manifest = read_manifest(artifacts)
+    classes = manifest["model"]["class_names"]
+    if not 1 <= top_k <= len(classes):
+        raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
+    size = manifest["preprocessing"]["source_size"]
+    batch = np.stack([load_image_file(path, size) for path in images])
+    chosen = "fp32" if precision is Precision.auto else precision.value
+    with open_backend(artifacts, manifest, backend.value, chosen) as runner:
+        logits = run_batches(runner, model_input(manifest, batch, backend.value), manifest["batch"]["max"])
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    results = []
+    for path, probs in zip(images, probabilities):
+        order = np.argsort(-probs)[:top_k]
+        results.append({"image": str(path), "predictions": [
+            {"label": classes[i], "class_index": int(i), "probability": float(probs[i])} for i in order]})
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        tops = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
+        console.print(f"{escape(result['image'])}: {tops}")
 
 
 def _str(path: Optional[Path]) -> Optional[str]:

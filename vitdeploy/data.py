@@ -103,9 +103,12 @@ def find_cifar_dir(data_dir: Path) -> Path:
 
 
 def download_cifar10(data_dir: Path) -> None:
-    """Fetch the official archive with torchvision into `data_dir/cifar-10-batches-py`."""
+    """Fetch the official archive with torchvision into `data_dir/cifar-10-batches-py`,
+    unless all batch files are already there (so the same command also works offline)."""
     from torchvision.datasets import CIFAR10
 
+    if all((data_dir / FOLDER / name).is_file() for name in (*TRAIN_FILES, TEST_FILE)):
+        return
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(data_dir), train=True, download=True)

@@ -161,7 +161,7 @@ class StopRequest:
 
 
 @dataclass
-class Progress_:
+class RunPosition:
     """Where the run stands; saved in every checkpoint so that resuming continues exactly."""
 
     epoch: int = 0  # the epoch being trained (0-based)
@@ -222,15 +222,17 @@ class _Run:
             self.model.load_state_dict(resume["model"])
         self.model.to(self.device)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
-        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers)
+        self.optimizer = build_optimizer(
+            self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers, fused=self.device.type == "cuda"
+        )
         self.schedule = WarmupCosine(self.optimizer, config.lr, self.total_steps, round(config.warmup_frac * self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.progress = Progress_()
+        self.progress = RunPosition()
         if resume is not None:
             self.optimizer.load_state_dict(resume["optimizer"])
             self.schedule.load_state_dict(resume["scheduler"])
             self.scaler.load_state_dict(resume["scaler"])
-            self.progress = Progress_(**resume["progress"])
+            self.progress = RunPosition(**resume["progress"])
             torch.set_rng_state(resume["rng"]["torch"])
             if self.device.type == "cuda" and resume["rng"].get("cuda"):
                 torch.cuda.set_rng_state_all(resume["rng"]["cuda"])

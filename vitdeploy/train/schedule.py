@@ -21,9 +21,12 @@ def layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float, num_layers: int) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, num_layers: int, fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and embeddings, and the LR of block i
-    scaled by layer_decay ** (depth - i), so pretrained early layers move least."""
+    scaled by layer_decay ** (depth - i), so pretrained early layers move least.
+    `fused` selects the single-kernel implementation (for CUDA parameters)."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -39,7 +42,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_deca
     param_groups = [groups[key] for key in sorted(groups)]
     for group in param_groups:
         group["lr"] = lr * group["lr_scale"]
-    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 class WarmupCosine:

@@ -1,0 +1,55 @@
+"""CUDA checks, run by scripts/gpu_check.sh on a GPU machine and skipped elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitdeploy.data import load_train
+from vitdeploy.models import build_model, get_spec
+from vitdeploy.preprocess import Preprocess
+from vitdeploy.train import TrainConfig, run_training
+from vitdeploy.train.loop import DeviceData, evaluate
+from vitdeploy.train.precision import choose_precision, native_bf16
+
+pytestmark = pytest.mark.gpu
+
+
+def test_device_pipeline_matches_cpu(cifar_root: Path) -> None:
+    images = load_train(cifar_root)
+    spec = get_spec("vit_b_16")
+    indices = torch.arange(0, 64)
+    cpu = DeviceData(images, Preprocess(spec.preprocessing()), torch.device("cpu")).batch(indices, augment=(1, 2, 4))
+    gpu = DeviceData(images, Preprocess(spec.preprocessing()), torch.device("cuda")).batch(indices, augment=(1, 2, 4))
+    assert gpu[0].shape == (64, 3, 224, 224)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(gpu[1].cpu(), cpu[1])
+
+
+def test_auto_precision_on_this_gpu() -> None:
+    capability = torch.cuda.get_device_capability()
+    assert choose_precision(torch.device("cuda")) == ("bf16" if native_bf16(capability) else "fp16")
+
+
+def test_short_training_run_on_gpu(cifar_root: Path, tmp_path: Path) -> None:
+    config = TrainConfig.from_options("vit_cifar_tiny", data_dir=str(cifar_root), out=str(tmp_path / "run"), epochs=3,
+                                      batch_size=16, val_size=40, log_every=1, device="cuda")
+    result = run_training(config)
+    summary = result.summary
+    assert summary["device"]["type"] == "cuda" and summary["precision"] in ("bf16", "fp16")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["type"] == "step"]
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_mixed_precision_eval_agrees_with_fp32(cifar_root: Path) -> None:
+    spec = get_spec("vit_cifar_small")
+    torch.manual_seed(0)
+    model = build_model(spec).cuda()
+    data = DeviceData(load_train(cifar_root), Preprocess(spec.preprocessing()), torch.device("cuda"))
+    precision = choose_precision(torch.device("cuda"))
+    fp32, mixed = evaluate(model, data, 64, "fp32"), evaluate(model, data, 64, precision)
+    assert abs(fp32["loss"] - mixed["loss"]) < 0.05

@@ -1,0 +1,44 @@
+"""The backend interface and the one helper that feeds it a whole image set."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class Backend(ABC):
+    """Runs a classifier: host images in (the manifest's input contract), host float32 logits out.
+
+    Construction is cheap; `activate` loads the model (sessions, engines, device
+    memory) and `deactivate` releases it. Use as a context manager.
+    """
+
+    name: str = "backend"
+
+    @abstractmethod
+    def activate(self) -> None: ...
+
+    @abstractmethod
+    def infer(self, images: np.ndarray) -> np.ndarray: ...
+
+    def deactivate(self) -> None:
+        """Release what `activate` took; the default has nothing to release."""
+
+    def describe(self) -> dict[str, Any]:
+        """Name, device, precision and versions, for reports."""
+        return {"name": self.name}
+
+    def __enter__(self) -> Backend:
+        self.activate()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.deactivate()
+
+
+def run_batches(backend: Backend, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits for every image, in batches of at most `batch_size`."""
+    parts = [backend.infer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)

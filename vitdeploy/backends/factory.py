@@ -1,0 +1,66 @@
+"""Backends by name, built from an artifact folder's manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdeploy.backends.base import Backend
+from vitdeploy.errors import VitDeployError
+from vitdeploy.manifest import find_artifact, sha256_file
+from vitdeploy.preprocess import Preprocess, Preprocessing
+
+BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "trt")
+
+
+def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None) -> Backend:
+    """The backend `name` for the artifact of `precision` in `folder` (not yet activated)."""
+    folder = Path(folder)
+    if name not in BACKENDS:
+        raise VitDeployError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "pytorch":
+        return _pytorch(manifest, precision)
+    kind = "tensorrt" if name == "trt" else "onnx"
+    artifact = find_artifact(manifest, kind, precision)
+    if artifact is None:
+        have = ", ".join(f"{a['kind']} {a['precision']}" for a in manifest["artifacts"])
+        hint = "--trt" if kind == "tensorrt" else "--fp16" if precision == "fp16" else ""
+        raise VitDeployError(f"{folder} has no {kind} {precision} artifact (it has: {have}); re-export with {hint}".rstrip())
+    if name == "trt":
+        from vitdeploy.backends.trt import TrtBackend
+
+        return TrtBackend(folder / artifact["path"], artifact)
+    from vitdeploy.backends.ort import OrtBackend
+
+    return OrtBackend(folder / artifact["path"], name.split("-")[1], threads=threads, precision=precision)
+
+
+def _pytorch(manifest: dict[str, Any], precision: str) -> Backend:
+    from vitdeploy.backends.pytorch import TorchBackend
+    from vitdeploy.checkpoint import load_checkpoint
+    from vitdeploy.models import build_model, get_spec
+
+    source = manifest["model"]["source_checkpoint"]
+    path = Path(source["path"])
+    if not path.is_file() or sha256_file(path) != source["sha256"]:
+        raise VitDeployError(f"the pytorch backend needs the checkpoint the artifacts came from, {path}, unchanged; it is missing or differs")
+    checkpoint = load_checkpoint(path)
+    model = build_model(get_spec(checkpoint["model_name"]), len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["model"])
+    device = "cuda" if precision != "fp32" or torch.cuda.is_available() else "cpu"
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise VitDeployError(f"the pytorch backend in {precision} needs a CUDA GPU; use --precision fp32 here")
+    return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision)
+
+
+def model_input(manifest: dict[str, Any], images: np.ndarray, backend: str) -> np.ndarray:
+    """uint8 images as the backend expects them: unchanged when preprocessing is in the graph
+    (and always for pytorch, which preprocesses itself), else preprocessed to float32."""
+    if backend == "pytorch" or manifest["input"]["preprocessing_in_graph"]:
+        return images
+    preprocess = Preprocess(Preprocessing.from_dict(manifest["preprocessing"]))
+    with torch.no_grad():
+        return preprocess(torch.from_numpy(images)).numpy()

@@ -1,0 +1,56 @@
+"""The TensorRT backend: a deserialized engine run with execute_async_v3 on its own CUDA
+stream, device buffers held as torch CUDA tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdeploy.backends.base import Backend
+from vitdeploy.errors import VitDeployError
+from vitdeploy.export.tensorrt import deserialize, import_tensorrt
+
+
+class TrtBackend(Backend):
+    """One engine, one execution context, profile 0; inputs copied in and logits out on the same stream."""
+
+    name = "trt"
+
+    def __init__(self, engine_path: Path, record: dict[str, Any], input_name: str = "input", output_name: str = "logits") -> None:
+        self.engine_path = Path(engine_path)
+        self.record = record
+        self.input_name, self.output_name = input_name, output_name
+        self.engine = self.context = self.stream = None
+
+    def activate(self) -> None:
+        if not torch.cuda.is_available():
+            raise VitDeployError("the trt backend needs a CUDA GPU; PyTorch sees none here")
+        trt = import_tensorrt()
+        self.engine = deserialize(trt, self.engine_path.read_bytes(), self.record)
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        if self.context is None:
+            raise RuntimeError("activate() the backend first")
+        with torch.cuda.stream(self.stream):
+            x = torch.from_numpy(np.ascontiguousarray(images)).to("cuda", non_blocking=True)
+            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+                raise VitDeployError(f"batch shape {tuple(x.shape)} is outside the engine's profile {self.record['profile']}")
+            out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32, device="cuda")
+            self.context.set_tensor_address(self.input_name, x.data_ptr())
+            self.context.set_tensor_address(self.output_name, out.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise VitDeployError("TensorRT execution failed (see its log above)")
+            result = out.cpu()  # synchronizes with the stream
+        return result.numpy()
+
+    def deactivate(self) -> None:
+        self.context = self.engine = self.stream = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "device": self.record.get("gpu"), "precision": self.record.get("precision"),
+                "tensorrt": self.record.get("tensorrt_version")}

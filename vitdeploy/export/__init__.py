@@ -1,0 +1,1 @@
+"""Export: verified ONNX (fp32 and mixed fp16), TensorRT engines, Triton repository, manifest."""

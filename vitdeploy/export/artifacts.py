@@ -1,0 +1,293 @@
+"""`vitdeploy export`: checkpoint -> verified ONNX (fp32, optionally fp16), TensorRT
+engine, Triton repository and manifest.json.
+
+Everything is written into a staging folder inside the output folder and moved into
+place at the end; manifest.json is written last, so an interrupted or failed export
+never leaves a manifest that points to a partial file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+
+from vitdeploy import __version__
+from vitdeploy.backends.base import run_batches
+from vitdeploy.backends.ort import OrtBackend
+from vitdeploy.backends.pytorch import TorchBackend
+from vitdeploy.checkpoint import load_checkpoint
+from vitdeploy.data import load_test
+from vitdeploy.errors import VitDeployError
+from vitdeploy.export import fp16, onnx_export, parity, tensorrt, triton
+from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, write_manifest
+from vitdeploy.models import build_model, get_spec
+from vitdeploy.preprocess import Preprocess, Preprocessing
+from vitdeploy.versions import versions
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    source: Path
+    out: Path
+    fp16: bool = False
+    trt: bool | None = None  # None: build when --fp16 and TensorRT and a GPU are present
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 256
+    preprocess_in_graph: bool = True
+    parity_images: int = 10_000
+    data_dir: Path | None = None
+    triton: Path | None = None
+    force: bool = False
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None
+    hardware_compatible: bool = False
+    version_compatible: bool = False
+
+    def validate(self) -> None:
+        if self.min_batch < 1:
+            raise VitDeployError("--min-batch must be at least 1")
+        if self.max_batch < self.min_batch:
+            raise VitDeployError(f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise --max-batch")
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise VitDeployError(f"--opt-batch must lie between --min-batch {self.min_batch} and --max-batch {self.max_batch}")
+        if self.parity_images < 1:
+            raise VitDeployError("--parity-images must be at least 1")
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A run folder means its best.pt (else last.pt); a file is taken as it is."""
+    source = Path(source)
+    if source.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (source / name).is_file():
+                return source / name
+        raise VitDeployError(f"{source} holds no best.pt or last.pt; pass a run folder written by `vitdeploy train` or a checkpoint file")
+    if not source.exists():
+        raise VitDeployError(f"{source} does not exist; pass a run folder or a checkpoint file")
+    return source
+
+
+def prepare_out(out: Path, force: bool) -> Path:
+    """The output folder, refused if it holds other files (unless --force); returns a fresh staging folder."""
+    if out.exists() and not out.is_dir():
+        raise VitDeployError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".staging-")):
+        if not force:
+            raise VitDeployError(f"--out {out} already holds files; choose an empty folder or add --force to replace them")
+        (out / MANIFEST).unlink(missing_ok=True)  # never leave a manifest pointing at files being replaced
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / f".staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise VitDeployError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from exc
+    return staging
+
+
+def _tensorrt_plan(options: ExportOptions) -> tuple[Any | None, str | None]:
+    """(tensorrt module, None) if an engine will be built, else (None, why not). Explicit --trt fails early."""
+    if options.trt is False:
+        return None, "not asked for (--no-trt)"
+    if options.trt is None and not options.fp16:
+        return None, "not asked for (add --trt, or --fp16 on a machine with TensorRT and a GPU)"
+    try:
+        trt = tensorrt.import_tensorrt()
+        if not torch.cuda.is_available():
+            raise VitDeployError(f"TensorRT {trt.__version__} is installed but PyTorch sees no CUDA GPU to build for")
+        tensorrt.network_flags(trt)
+    except VitDeployError as exc:
+        if options.trt:
+            raise
+        return None, str(exc)
+    return trt, None
+
+
+def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]:
+    """Run the whole export; returns the manifest. Raises VitDeployError when a parity check fails
+    (after writing the manifest with that artifact marked failed)."""
+    options.validate()
+    ckpt_path = resolve_checkpoint(options.source)
+    checkpoint = load_checkpoint(ckpt_path)
+    trt, no_trt_reason = _tensorrt_plan(options)  # before any long work: an explicit --trt fails here
+    spec = get_spec(checkpoint["model_name"])
+    preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
+    class_names = list(checkpoint["class_names"])
+    model = build_model(spec, len(class_names))
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    data_dir = Path(options.data_dir or checkpoint["config"]["data_dir"])
+    test = load_test(data_dir)
+    n = min(options.parity_images, len(test))
+    images = test.images[:n].numpy()
+    labels = test.labels[:n].numpy()
+
+    staging = prepare_out(options.out, options.force)
+    contract = onnx_export.input_spec(preprocessing, options.preprocess_in_graph)
+    feed = images if options.preprocess_in_graph else Preprocess(preprocessing)(torch.from_numpy(images)).numpy()
+    say(f"reference: PyTorch fp32 on {n} test images from {data_dir}")
+    with TorchBackend(model, preprocessing) as reference:
+        ref_logits = run_batches(reference, images, options.max_batch)
+
+    ckpt_hash = sha256_file(ckpt_path)
+    metadata = {
+        "vitdeploy.model": spec.name,
+        "vitdeploy.class_names": ",".join(class_names),
+        "vitdeploy.preprocessing": _json(preprocessing.to_dict()),
+        "vitdeploy.input_contract": _json(contract),
+        "vitdeploy.version": __version__,
+        "vitdeploy.source_checkpoint_sha256": ckpt_hash,
+    }
+    artifacts: list[dict[str, Any]] = []
+    failed: list[str] = []
+
+    def verify_onnx(name: str, precision: str, external: list[str]) -> dict[str, Any]:
+        path = staging / name
+        onnx_export.check_onnx(path)
+        inputs, outputs = onnx_export.io_records(path)
+        with OrtBackend(path, "cpu", precision=precision) as backend:
+            logits = run_batches(backend, feed, options.max_batch)
+        metrics = parity.compare(ref_logits, logits, labels, parity.TOLERANCES[precision])
+        say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
+        if not metrics["passed"]:
+            failed.append(name)
+        record = {
+            "kind": "onnx", "precision": precision, **file_record(staging, name),
+            "external_data": [file_record(staging, e) for e in external],
+            "opset": onnx_export.OPSET, "inputs": inputs, "outputs": outputs,
+            "status": "passed" if metrics["passed"] else "failed", "parity": {"backend": "ort-cpu", **metrics},
+        }
+        artifacts.append(record)
+        return record
+
+    say(f"exporting {spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch})")
+    module = onnx_export.InferenceModel(model, preprocessing, options.preprocess_in_graph)
+    example = onnx_export.example_input(preprocessing, options.preprocess_in_graph, max(2, min(options.max_batch, 4)))
+    if options.max_batch < 2:
+        example = example[:1]
+    external = onnx_export.export_onnx(module, example, staging / "model.onnx", options.min_batch, options.max_batch, metadata)
+    verify_onnx("model.onnx", "fp32", ["model.onnx.data"] if external else [])
+
+    if options.fp16:
+        say("converting to mixed fp16 (MatMul/Gemm/Conv in fp16; LayerNorm, Softmax, logits in fp32)")
+        floats = fp16.float_tensors(onnx.load(str(staging / "model.onnx"), load_external_data=False))
+        low = fp16.convert_to_mixed_fp16(onnx.load(str(staging / "model.onnx")), floats)
+        low_external = external  # fp16 halves only the matmul weights: keep the fp32 decision
+        onnx.save_model(low, str(staging / "model_fp16.onnx"), save_as_external_data=low_external,
+                        all_tensors_to_one_file=True, location="model_fp16.onnx.data")
+        verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
+
+    engine_record = None
+    if trt is not None:
+        source = "model_fp16.onnx" if options.fp16 else "model.onnx"
+        engine_record = _build_engine(trt, staging, source, contract, options, ref_logits, feed, labels, say, failed)
+        artifacts.append(engine_record)
+    else:
+        say(f"no TensorRT engine: {no_trt_reason}")
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "vitdeploy_version": __version__, "versions": versions(),
+        "model": {"name": spec.name, "num_classes": len(class_names), "class_names": class_names,
+                  "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": ckpt_hash}},
+        "preprocessing": preprocessing.to_dict(),
+        "input": contract,
+        "output": {"name": onnx_export.OUTPUT, "dtype": "float32", "shape": ["batch", len(class_names)],
+                   "description": "unnormalized class scores; softmax gives probabilities"},
+        "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
+        "parity_data": {"data_dir": str(data_dir), "images": n, "labels": "first N images of the CIFAR-10 test set"},
+        "artifacts": artifacts,
+        "tensorrt": {"built": engine_record is not None, "reason": no_trt_reason},
+    }
+    _publish(staging, options.out)
+    if options.triton is not None:
+        manifest["triton"] = _write_triton(options.triton, options.out, spec.name, manifest)
+        say(f"Triton model repository: {options.triton}")
+    write_manifest(options.out, manifest)
+    if failed:
+        raise VitDeployError(f"parity failed for {', '.join(failed)} (kept, marked failed in {options.out / MANIFEST}); see the lines above")
+    return manifest
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished files from the staging folder into the output folder."""
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
+    staging.rmdir()
+
+
+def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any], options: ExportOptions,
+                  ref_logits: np.ndarray, feed: np.ndarray, labels: np.ndarray, say: Say, failed: list[str]) -> dict[str, Any]:
+    from vitdeploy.backends.trt import TrtBackend
+
+    precision = "fp16" if options.fp16 else "fp32"
+    name = f"model_{precision}.plan"
+    cache = options.timing_cache or Path.home() / ".cache" / "vitdeploy" / "tensorrt-timing.cache"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    build = tensorrt.BuildOptions(options.min_batch, options.opt_batch, options.max_batch, int(options.workspace_gb * (1 << 30)),
+                                  cache, options.hardware_compatible, options.version_compatible)
+    say(f"building the TensorRT {trt.__version__} engine from {source} (strongly typed; precision from the ONNX types)")
+    shape = (options.opt_batch, *contract["shape"][1:])
+    (staging / name).write_bytes(tensorrt.build_engine(trt, staging / source, onnx_export.INPUT, shape, build))
+    record = {
+        "kind": "tensorrt", "precision": precision, "source_onnx": source,
+        "tensorrt_version": trt.__version__, **tensorrt.current_gpu(),
+        "profile": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
+        "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible,
+        "timing_cache": str(cache),
+    }
+    engine = tensorrt.deserialize(trt, (staging / name).read_bytes(), record)
+    record["io"] = tensorrt.engine_io(engine, trt)
+    expected = {contract["name"], onnx_export.OUTPUT}
+    if {t["name"] for t in record["io"]} != expected:
+        raise VitDeployError(f"the engine's I/O tensors {record['io']} are not {sorted(expected)}")
+    with TrtBackend(staging / name, record) as backend:
+        logits = run_batches(backend, feed, options.max_batch)
+    metrics = parity.compare(ref_logits, logits, labels, parity.TOLERANCES[precision])
+    say(f"{name} (TensorRT vs PyTorch fp32): {parity.describe(metrics)}")
+    if not metrics["passed"]:
+        failed.append(name)
+    record.update(file_record(staging, name))
+    record["status"] = "passed" if metrics["passed"] else "failed"
+    record["parity"] = {"backend": "trt", **metrics}
+    with open(staging / f"{name}.json", "w") as f:  # the build facts next to the engine itself
+        f.write(_json({k: v for k, v in record.items() if k != "parity"}) + "\n")
+    return record
+
+
+def _write_triton(repo: Path, out: Path, model_name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    repo.mkdir(parents=True, exist_ok=True)
+    models = []
+    max_batch = manifest["batch"]["max"]
+    inputs = [manifest["input"]]
+    outputs = [manifest["output"]]
+    for artifact in manifest["artifacts"]:
+        files = [out / artifact["path"], *(out / e["path"] for e in artifact.get("external_data", []))]
+        if artifact["kind"] == "onnx":
+            name = f"{model_name}_onnx" + ("_fp16" if artifact["precision"] == "fp16" else "")
+            triton.write_model(repo, name, "onnxruntime_onnx", files, "model.onnx", max_batch, inputs, outputs,
+                               manifest["model"]["class_names"], {"precision": artifact["precision"]})
+        else:
+            name = f"{model_name}_trt"
+            triton.write_model(repo, name, "tensorrt_plan", files, "model.plan", max_batch, inputs, outputs,
+                               manifest["model"]["class_names"],
+                               {"precision": artifact["precision"], "tensorrt_version": artifact["tensorrt_version"]})
+        models.append({"name": name, "platform": "tensorrt_plan" if artifact["kind"] == "tensorrt" else "onnxruntime_onnx"})
+    return {"repository": str(repo.resolve()), "models": models}

@@ -1,0 +1,118 @@
+"""PyTorch model -> verified ONNX graph with a dynamic batch dimension.
+
+Input contract (default): the graph takes uint8 RGB NCHW images at the dataset's
+resolution, named `input`, and contains the preprocessing (float conversion,
+normalization, resize), so every backend and the server feed bytes and nobody
+re-implements preprocessing. With `preprocess_in_graph=False` it takes float32
+normalized images at the model's input size. The output is float32 `logits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from vitdeploy.errors import VitDeployError
+from vitdeploy.preprocess import Preprocess, Preprocessing
+
+OPSET = 18  # native LayerNormalization; below 23, so no ONNX Attention op
+INPUT, OUTPUT = "input", "logits"
+EXTERNAL_DATA_BYTES = 1 << 30  # above 1 GiB of weights, store them beside the graph (protobuf caps at 2 GB)
+
+
+class InferenceModel(nn.Module):
+    """Preprocessing (optional) followed by the classifier: what the ONNX graph computes."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, preprocess_in_graph: bool = True) -> None:
+        super().__init__()
+        self.preprocess = Preprocess(preprocessing) if preprocess_in_graph else nn.Identity()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(images))
+
+
+def input_spec(preprocessing: Preprocessing, preprocess_in_graph: bool) -> dict[str, Any]:
+    """The exact input contract, as the manifest states it."""
+    if preprocess_in_graph:
+        size = preprocessing.source_size
+        return {
+            "name": INPUT, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB, 0..255",
+            "preprocessing_in_graph": True,
+            "description": f"raw {size}x{size} RGB images; the graph scales to [0,1], normalizes with mean/std and "
+                           f"resizes ({preprocessing.resize_mode}) to {preprocessing.input_size} px",
+        }
+    size = preprocessing.input_size
+    return {
+        "name": INPUT, "dtype": "float32", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB",
+        "preprocessing_in_graph": False,
+        "description": f"images already scaled to [0,1], normalized ((x - mean) / std) and resized to {size} px "
+                       f"({preprocessing.resize_mode}) per the manifest's preprocessing",
+    }
+
+
+def example_input(preprocessing: Preprocessing, preprocess_in_graph: bool, batch: int) -> torch.Tensor:
+    if preprocess_in_graph:
+        size = preprocessing.source_size
+        return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    return torch.randn(batch, 3, preprocessing.input_size, preprocessing.input_size)
+
+
+def export_onnx(
+    module: InferenceModel,
+    example: torch.Tensor,
+    path: Path,
+    min_batch: int,
+    max_batch: int,
+    metadata: dict[str, str],
+) -> bool:
+    """Export with the dynamo exporter and save to `path`; returns whether weights went to external data.
+
+    The example batch has at least 2 images so the graph does not specialize on 1.
+    """
+    module = module.eval()
+    dynamic = None
+    if max_batch > min_batch:
+        dynamic = ({0: torch.export.Dim("batch", min=min_batch, max=max_batch)},)
+    log = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(log):
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=[INPUT],
+                output_names=[OUTPUT], opset_version=OPSET, optimize=True, verify=False,
+            )
+    except Exception as exc:  # the exporter raises many types; all mean the same to the user
+        raise VitDeployError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}; rerun with --debug for details") from exc
+    for key, value in metadata.items():
+        program.model.metadata_props[key] = value
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    return external
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker with full_check (shape inference included), on the path so external data works."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise VitDeployError(f"{path.name} failed the ONNX checker: {str(exc).splitlines()[0]}") from exc
+
+
+def io_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Names, dtypes and shapes (symbolic batch) of the graph's inputs and outputs."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return {"name": value.name, "dtype": dtype, "shape": dims}
+
+    return [describe(v) for v in model.graph.input], [describe(v) for v in model.graph.output]
