@@ -21,11 +21,11 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 
 if [ "$SMOKE" = 1 ]; then  # the same sections with tiny work, on the CPU
   DEVICE=cpu; BENCH_ARGS=(--model vit_cifar_tiny --batch-size 8 --steps 2 --warmup-steps 1)
-  RUN_ARGS=(--epochs 1 --subset 64 --val-size 40 --batch-size 16)
+  RUN_ARGS=(--epochs 1 --subset 64 --val-size 40 --batch-size 16); PARITY_IMAGES=20
   [ -d "$DATA" ] || DATA=${GPU_CHECK_DATA:?set GPU_CHECK_DATA to a folder with cifar-10-batches-py}
 else
   DEVICE=cuda; BENCH_ARGS=(--model vit_b_16 --model vit_cifar_small --model vit_cifar_tiny --steps 20 --warmup-steps 5)
-  RUN_ARGS=(--epochs 8)
+  RUN_ARGS=(--epochs 6); PARITY_IMAGES=2000
 fi
 
 # section NAME BUDGET_SECONDS COMMAND...: run it under a timeout, log its output, record its status.
@@ -61,11 +61,18 @@ fi
 # Issue 2: GPU-marked tests, training throughput (real data vs synthetic), a short real run.
 section gpu_tests 60 "$PY" -m pytest -q -m "gpu or trt" tests -p no:cacheprovider
 
-section train_throughput 75 "$PY" -m vitdeploy bench-train "${BENCH_ARGS[@]}" --source both --data-dir "$DATA" \
+section train_throughput 60 "$PY" -m vitdeploy bench-train "${BENCH_ARGS[@]}" --source both --data-dir "$DATA" \
   --device "$DEVICE" --json "$OUT/train_throughput.json"
 
 rm -rf .gpu/runs/cifar_small
-section cifar_small_run 75 bash -c "$PY -m vitdeploy train --model vit_cifar_small --device $DEVICE --data-dir '$DATA' \
+section cifar_small_run 60 bash -c "$PY -m vitdeploy train --model vit_cifar_small --device $DEVICE --data-dir '$DATA' \
   --out .gpu/runs/cifar_small ${RUN_ARGS[*]} && cp .gpu/runs/cifar_small/summary.json '$OUT/cifar_small_run.json'"
+
+# Issue 3: export the run above with --fp16; parity of fp32/fp16 ONNX on ONNX Runtime CPU, and on CUDA
+# (ONNX Runtime CUDA, TensorRT) where those are installed. The manifest is the result.
+rm -rf .gpu/art/cifar_small
+section export_fp16 60 bash -c "$PY -m vitdeploy export .gpu/runs/cifar_small --out .gpu/art/cifar_small --fp16 \
+  --parity-images $PARITY_IMAGES --timing-cache .gpu/tensorrt-timing.cache; \
+  rc=\$?; cp .gpu/art/cifar_small/manifest.json '$OUT/export_manifest.json' 2>/dev/null; exit \$rc"
 
 echo "results in $OUT:"; ls -1 "$OUT"

@@ -32,6 +32,8 @@ def safe_load(path: Path, what: str = "weights file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a pickle of objects at all: garbage or a truncated file
+            raise VitDeployError(f"{what} {path} is truncated or not a torch file; use an intact file") from exc
         raise VitDeployError(
             f"refused to load {what} {path}: it holds objects other than tensors and plain types "
             "(weights_only=True), which could run code; use a file saved as a plain state dict "

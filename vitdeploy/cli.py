@@ -238,7 +238,7 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
     trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing). [default: with --fp16, when possible]")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
-    opt_batch: Annotated[int, typer.Option(help="Batch size TensorRT optimizes for.")] = 32,
+    opt_batch: Annotated[Optional[int], typer.Option(help="Batch size TensorRT optimizes for. [default: 32 within the range]")] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N). [default: the full test set]")] = 10_000,

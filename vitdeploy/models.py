@@ -93,7 +93,7 @@ def _cifar(name: str, hidden: int, layers: int, heads: int, mlp: int, what: str)
         mlp_dim=mlp,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
-        recipe=Recipe(lr=1e-3, batch_size=64, epochs=100, weight_decay=0.05),
+        recipe=Recipe(lr=5e-4, batch_size=128, epochs=100, weight_decay=0.05),
     )
 
 

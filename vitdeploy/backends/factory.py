@@ -35,7 +35,8 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
         return TrtBackend(folder / artifact["path"], artifact)
     from vitdeploy.backends.ort import OrtBackend
 
-    return OrtBackend(folder / artifact["path"], name.split("-")[1], threads=threads, precision=precision)
+    return OrtBackend(folder / artifact["path"], name.split("-")[1], threads=threads, precision=precision,
+                      max_batch=manifest["batch"]["max"])
 
 
 def _pytorch(manifest: dict[str, Any], precision: str) -> Backend:

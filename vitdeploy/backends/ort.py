@@ -42,7 +42,8 @@ class OrtBackend(Backend):
     """An InferenceSession on one ONNX file with one execution provider."""
 
     def __init__(self, onnx_path: Path, device: str = "cpu", threads: int | None = None, optimization: str = "all",
-                 input_name: str = "input", output_name: str = "logits", precision: str = "fp32") -> None:
+                 input_name: str = "input", output_name: str = "logits", precision: str = "fp32",
+                 max_batch: int | None = None) -> None:
         if device not in PROVIDERS:
             raise VitDeployError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
         self.name = f"ort-{device}"
@@ -52,6 +53,7 @@ class OrtBackend(Backend):
         self.optimization = optimization
         self.input_name, self.output_name = input_name, output_name
         self.precision = precision
+        self.max_batch = max_batch
         self.session = None
 
     def activate(self) -> None:
@@ -76,6 +78,8 @@ class OrtBackend(Backend):
     def infer(self, images: np.ndarray) -> np.ndarray:
         if self.session is None:
             raise RuntimeError("activate() the backend first")
+        if self.max_batch is not None and len(images) > self.max_batch:
+            raise VitDeployError(f"batch of {len(images)} exceeds the exported maximum {self.max_batch}; re-export with a larger --max-batch")
         return self.session.run([self.output_name], {self.input_name: images})[0]
 
     def deactivate(self) -> None:

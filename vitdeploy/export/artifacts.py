@@ -43,7 +43,7 @@ class ExportOptions:
     fp16: bool = False
     trt: bool | None = None  # None: build when --fp16 and TensorRT and a GPU are present
     min_batch: int = 1
-    opt_batch: int = 32
+    opt_batch: int | None = None  # None: 32, clamped to the batch range
     max_batch: int = 256
     preprocess_in_graph: bool = True
     parity_images: int = 10_000
@@ -55,12 +55,16 @@ class ExportOptions:
     hardware_compatible: bool = False
     version_compatible: bool = False
 
+    @property
+    def opt(self) -> int:
+        return self.opt_batch if self.opt_batch is not None else max(self.min_batch, min(32, self.max_batch))
+
     def validate(self) -> None:
         if self.min_batch < 1:
             raise VitDeployError("--min-batch must be at least 1")
         if self.max_batch < self.min_batch:
             raise VitDeployError(f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise --max-batch")
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
+        if self.opt_batch is not None and not self.min_batch <= self.opt_batch <= self.max_batch:
             raise VitDeployError(f"--opt-batch must lie between --min-batch {self.min_batch} and --max-batch {self.max_batch}")
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
@@ -86,7 +90,7 @@ def prepare_out(out: Path, force: bool) -> Path:
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".staging-")):
         if not force:
             raise VitDeployError(f"--out {out} already holds files; choose an empty folder or add --force to replace them")
-        (out / MANIFEST).unlink(missing_ok=True)  # never leave a manifest pointing at files being replaced
+        _remove_previous_export(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = out / f".staging-{os.getpid()}"
@@ -95,6 +99,25 @@ def prepare_out(out: Path, force: bool) -> Path:
     except OSError as exc:
         raise VitDeployError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from exc
     return staging
+
+
+def _remove_previous_export(out: Path) -> None:
+    """With --force: the manifest first (so it never points at files being replaced), then the files it
+    listed. Files vitdeploy did not write stay."""
+    path = out / MANIFEST
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else {"artifacts": []}
+    except json.JSONDecodeError:
+        previous = {"artifacts": []}
+    path.unlink(missing_ok=True)
+    names = []
+    for artifact in previous.get("artifacts", []):
+        names += [r["path"] for r in [artifact, *artifact.get("external_data", [])]]
+        if artifact.get("kind") == "tensorrt":
+            names.append(f"{artifact['path']}.json")
+    for name in names:
+        if isinstance(name, str) and Path(name).name == name:  # plain names inside --out only
+            (out / name).unlink(missing_ok=True)
 
 
 def _tensorrt_plan(options: ExportOptions) -> tuple[Any | None, str | None]:
@@ -163,12 +186,20 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
         if not metrics["passed"]:
             failed.append(name)
+        cuda_metrics = _cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch)
+        if cuda_metrics is not None:
+            say(f"{name} (ONNX Runtime CUDA vs PyTorch fp32): {parity.describe(cuda_metrics)}")
+            if not cuda_metrics["passed"]:
+                failed.append(f"{name} on CUDA")
         record = {
             "kind": "onnx", "precision": precision, **file_record(staging, name),
             "external_data": [file_record(staging, e) for e in external],
             "opset": onnx_export.OPSET, "inputs": inputs, "outputs": outputs,
-            "status": "passed" if metrics["passed"] else "failed", "parity": {"backend": "ort-cpu", **metrics},
+            "status": "passed" if metrics["passed"] and (cuda_metrics or {"passed": True})["passed"] else "failed",
+            "parity": {"backend": "ort-cpu", **metrics},
         }
+        if cuda_metrics is not None:
+            record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
         artifacts.append(record)
         return record
 
@@ -207,7 +238,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         "input": contract,
         "output": {"name": onnx_export.OUTPUT, "dtype": "float32", "shape": ["batch", len(class_names)],
                    "description": "unnormalized class scores; softmax gives probabilities"},
-        "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
+        "batch": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
         "parity_data": {"data_dir": str(data_dir), "images": n, "labels": "first N images of the CIFAR-10 test set"},
         "artifacts": artifacts,
         "tensorrt": {"built": engine_record is not None, "reason": no_trt_reason},
@@ -220,6 +251,18 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     if failed:
         raise VitDeployError(f"parity failed for {', '.join(failed)} (kept, marked failed in {options.out / MANIFEST}); see the lines above")
     return manifest
+
+
+def _cuda_parity(path: Path, precision: str, feed: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray,
+                 max_batch: int) -> dict[str, Any] | None:
+    """Parity on ONNX Runtime's CUDA provider where it really runs (the real fp16 check); None elsewhere."""
+    from vitdeploy.versions import backend_statuses
+
+    if not next(s for s in backend_statuses() if s.name == "ort-cuda").usable:
+        return None
+    with OrtBackend(path, "cuda", precision=precision) as backend:
+        logits = run_batches(backend, feed, max_batch)
+    return parity.compare(ref_logits, logits, labels, parity.TOLERANCES[precision])
 
 
 def _json(value: Any) -> str:
@@ -241,15 +284,15 @@ def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any]
     name = f"model_{precision}.plan"
     cache = options.timing_cache or Path.home() / ".cache" / "vitdeploy" / "tensorrt-timing.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    build = tensorrt.BuildOptions(options.min_batch, options.opt_batch, options.max_batch, int(options.workspace_gb * (1 << 30)),
+    build = tensorrt.BuildOptions(options.min_batch, options.opt, options.max_batch, int(options.workspace_gb * (1 << 30)),
                                   cache, options.hardware_compatible, options.version_compatible)
     say(f"building the TensorRT {trt.__version__} engine from {source} (strongly typed; precision from the ONNX types)")
-    shape = (options.opt_batch, *contract["shape"][1:])
+    shape = (options.opt, *contract["shape"][1:])
     (staging / name).write_bytes(tensorrt.build_engine(trt, staging / source, onnx_export.INPUT, shape, build))
     record = {
         "kind": "tensorrt", "precision": precision, "source_onnx": source,
         "tensorrt_version": trt.__version__, **tensorrt.current_gpu(),
-        "profile": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
+        "profile": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
         "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible,
         "timing_cache": str(cache),
     }
