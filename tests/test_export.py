@@ -268,3 +268,13 @@ def test_cli_export_says_why_no_engine(trained: Path, cifar_root: Path, tmp_path
     assert result.returncode == 0, result.stderr
     assert "no TensorRT engine:" in result.stdout and "PASS" in result.stdout
     assert (tmp_path / "art" / "manifest.json").is_file()
+
+
+def test_ort_cuda_refuses_a_silent_cpu_fallback(exported: Path) -> None:
+    """ONNX Runtime asked for CUDA without a usable GPU runs on the CPU; the backend must refuse."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the fallback cannot be provoked here")
+    with pytest.raises(VitDeployError, match="fell back to CPUExecutionProvider|has no CUDAExecutionProvider"):
+        OrtBackend(exported / "model.onnx", "cuda").activate()

@@ -93,6 +93,7 @@ def read_batch(path: Path) -> ImageSet:
 
 def find_cifar_dir(data_dir: Path) -> Path:
     """`data_dir/cifar-10-batches-py`, or `data_dir` itself when it is that folder."""
+    data_dir = Path(data_dir)
     for candidate in (data_dir / FOLDER, data_dir):
         if (candidate / TEST_FILE).is_file() or (candidate / TRAIN_FILES[0]).is_file():
             return candidate
