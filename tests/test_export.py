@@ -278,3 +278,20 @@ def test_ort_cuda_refuses_a_silent_cpu_fallback(exported: Path) -> None:
         pytest.skip("a CUDA GPU is present: the fallback cannot be provoked here")
     with pytest.raises(VitDeployError, match="fell back to CPUExecutionProvider|has no CUDAExecutionProvider"):
         OrtBackend(exported / "model.onnx", "cuda").activate()
+
+
+def test_external_data_for_large_models(trained: Path, cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vit_l/vit_h weights exceed protobuf's 2 GB: the same path, forced here on a small model."""
+    import vitdeploy.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    manifest = export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", fp16=True, max_batch=8, data_dir=cifar_root,
+                                              triton=tmp_path / "triton"), say=lambda _line: None)
+    for artifact, data in zip(manifest["artifacts"], ["model.onnx.data", "model_fp16.onnx.data"]):
+        assert [e["path"] for e in artifact["external_data"]] == [data] and len(artifact["external_data"][0]["sha256"]) == 64
+        assert artifact["status"] == "passed"
+        assert (tmp_path / "art" / artifact["path"]).stat().st_size < 1_000_000  # the graph alone
+    read_manifest(tmp_path / "art")  # verifies the data files' sha256 too
+    assert (tmp_path / "triton" / "vit_cifar_tiny_onnx" / "1" / "model.onnx.data").is_file()
+    with OrtBackend(tmp_path / "triton" / "vit_cifar_tiny_onnx" / "1" / "model.onnx") as backend:
+        assert backend.infer(np.zeros((2, 3, 32, 32), np.uint8)).shape == (2, 10)
