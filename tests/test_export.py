@@ -250,6 +250,10 @@ def test_interrupted_export_leaves_no_manifest(trained: Path, cifar_root: Path, 
                          say=lambda _line: None)
     assert not (tmp_path / "art" / "manifest.json").exists()
     assert not (tmp_path / "art" / "model.onnx").exists()  # still in the staging folder, never published
+    monkeypatch.undo()
+    export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", max_batch=8, data_dir=cifar_root), say=lambda _line: None)
+    assert [p.name for p in (tmp_path / "art").glob(".staging-*")] == []  # the leftover is cleaned up
+    assert (tmp_path / "art" / "manifest.json").is_file()
 
 
 def test_failed_parity_keeps_the_artifact_marked_failed(trained: Path, cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -93,8 +93,9 @@ def prepare_out(out: Path, force: bool) -> Path:
         _remove_previous_export(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.glob(".staging-*"):  # from an interrupted export; never published
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = out / f".staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     except OSError as exc:
         raise VitDeployError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from exc
