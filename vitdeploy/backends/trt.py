@@ -39,7 +39,10 @@ class TrtBackend(Backend):
         with torch.cuda.stream(self.stream):
             x = torch.from_numpy(np.ascontiguousarray(images)).to("cuda", non_blocking=True)
             if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-                raise VitDeployError(f"batch shape {tuple(x.shape)} is outside the engine's profile {self.record['profile']}")
+                raise VitDeployError(
+                    f"batch shape {tuple(x.shape)} is outside the engine's profile {self.record['profile']}; "
+                    "re-export with a wider --min-batch/--max-batch"
+                )
             out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32, device="cuda")
             self.context.set_tensor_address(self.input_name, x.data_ptr())
             self.context.set_tensor_address(self.output_name, out.data_ptr())

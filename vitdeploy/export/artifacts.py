@@ -31,7 +31,7 @@ from vitdeploy.export import fp16, onnx_export, parity, tensorrt, triton
 from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, write_manifest
 from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess, Preprocessing
-from vitdeploy.versions import versions
+from vitdeploy.versions import backend_statuses, versions
 
 Say = Callable[[str], None]
 
@@ -177,7 +177,9 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     artifacts: list[dict[str, Any]] = []
     failed: list[str] = []
 
-    def verify_onnx(name: str, precision: str, external: list[str]) -> dict[str, Any]:
+    ort_cuda = next(s for s in backend_statuses() if s.name == "ort-cuda").usable  # probed once, not per file
+
+    def verify_onnx(name: str, precision: str, external: list[str]) -> None:
         path = staging / name
         onnx_export.check_onnx(path)
         inputs, outputs = onnx_export.io_records(path)
@@ -187,7 +189,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
         if not metrics["passed"]:
             failed.append(name)
-        cuda_metrics = _cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch)
+        cuda_metrics = _cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch) if ort_cuda else None
         if cuda_metrics is not None:
             say(f"{name} (ONNX Runtime CUDA vs PyTorch fp32): {parity.describe(cuda_metrics)}")
             if not cuda_metrics["passed"]:
@@ -202,7 +204,6 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         if cuda_metrics is not None:
             record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
         artifacts.append(record)
-        return record
 
     say(f"exporting {spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch})")
     module = onnx_export.InferenceModel(model, preprocessing, options.preprocess_in_graph)
@@ -255,12 +256,8 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
 
 
 def _cuda_parity(path: Path, precision: str, feed: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray,
-                 max_batch: int) -> dict[str, Any] | None:
-    """Parity on ONNX Runtime's CUDA provider where it really runs (the real fp16 check); None elsewhere."""
-    from vitdeploy.versions import backend_statuses
-
-    if not next(s for s in backend_statuses() if s.name == "ort-cuda").usable:
-        return None
+                 max_batch: int) -> dict[str, Any]:
+    """Parity on ONNX Runtime's CUDA provider, where it really runs: the real fp16 check."""
     with OrtBackend(path, "cuda", precision=precision) as backend:
         logits = run_batches(backend, feed, max_batch)
     return parity.compare(ref_logits, logits, labels, parity.TOLERANCES[precision])

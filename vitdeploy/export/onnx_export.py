@@ -102,7 +102,10 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise VitDeployError(f"{path.name} failed the ONNX checker: {str(exc).splitlines()[0]}") from exc
+        raise VitDeployError(
+            f"{path.name} failed the ONNX checker: {str(exc).splitlines()[0]}; rerun with --debug and report it with your "
+            "torch and onnx versions (`vitdeploy info`)"
+        ) from exc
 
 
 def io_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
