@@ -14,7 +14,7 @@ def test_gpu_check_smoke_writes_every_section(cifar_root: Path, tmp_path: Path) 
     env = {**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_DATA": str(cifar_root), "OUT": str(tmp_path)}
     subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, check=True, timeout=600, capture_output=True)
     sections = {s["section"]: s for s in json.loads((tmp_path / "sections.json").read_text())["sections"]}
-    assert set(sections) >= {"env", "gpu_tests", "train_throughput", "cifar_small_run", "export_fp16"}
+    assert set(sections) >= {"env", "gpu_tests", "train_throughput", "cifar_small_run", "export_fp16", "recipe_sweep"}
     assert all(s["status"] == "ok" for s in sections.values()), sections
     env_record = json.loads((tmp_path / "env.json").read_text())
     assert {b["name"] for b in env_record["backends"]} == {"pytorch", "ort-cpu", "ort-cuda", "trt"}
