@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Every GPU check of vitdeploy in one go, for a GPU machine lent for a few minutes
-# (see shared/GPU.md). Each section has its own time budget; each writes its JSON under
-# $OUT as soon as it ends, and $OUT/sections.json records every section's status, so a
-# section that fails or times out loses nothing else. Runs from a plain checkout
+# (see shared/GPU.md). Each section has its own time budget; $OUT/sections.json records
+# every section's status, and the files a section writes are packed into
+# $OUT/results.tar as soon as it ends (the device tool brings back at most 8 files), so
+# a section that fails or times out loses nothing else. Runs from a plain checkout
 # (PYTHONPATH=., nothing installed).
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh          # on the GPU machine
-#   GPU_CHECK_SMOKE=1 OUT=/tmp/x bash scripts/gpu_check.sh   # plumbing test on a CPU
-#   GPU_CHECK_SECTIONS=bench,export_fp16 ...               # only these sections (env always runs)
-#
+#   OUT=/some/dir bash scripts/gpu_check.sh                  # on the GPU machine
+#   GPU_CHECK_SECTIONS=bench_small,bench_vit_b_16 ...        # only these sections (env always runs)
+#   GPU_CHECK_SMOKE=1 GPU_CHECK_DATA=DIR GPU_CHECK_WORK=TMP OUT=/tmp/x bash scripts/gpu_check.sh
+#                                                            # plumbing test on a CPU, tiny work
 # Data: .gpu/compact/ (copy of shared/data/compact) is unpacked to .gpu/data.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
-mkdir -p "$OUT" .gpu
+W=${GPU_CHECK_WORK:-.gpu}   # runs, artifacts and results staged here
+RES=$W/results
+mkdir -p "$OUT" "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOG="$OUT/gpu_check.log"
@@ -21,16 +24,21 @@ DATA=.gpu/data
 SMOKE=${GPU_CHECK_SMOKE:-0}
 
 if [ "$SMOKE" = 1 ]; then  # the same sections with tiny work, on the CPU
-  DEVICE=cpu; BENCH_ARGS=(--model vit_cifar_tiny --batch-size 8 --steps 2 --warmup-steps 1)
+  DEVICE=cpu; TP_ARGS=(--model vit_cifar_tiny --batch-size 8 --steps 2 --warmup-steps 1); TPC_ARGS=("${TP_ARGS[@]}")
   RUN_ARGS=(--epochs 1 --subset 64 --val-size 40 --batch-size 16); PARITY_IMAGES=20
   SWEEP_ARGS=(--subset 300 --only recipe crop0)
+  BENCH_ARGS=(--limit 20 --batch-sizes 1,4 --min-iters 2 --max-seconds 0.5)
+  B16_MODEL=vit_cifar_tiny; B16_TRAIN=(--subset 64 --val-size 40 --batch-size 16); B16_BENCH=("${BENCH_ARGS[@]}")
   [ -d "$DATA" ] || DATA=${GPU_CHECK_DATA:?set GPU_CHECK_DATA to a folder with cifar-10-batches-py}
 else
-  DEVICE=cuda; BENCH_ARGS=(--model vit_b_16 --model vit_cifar_small --model vit_cifar_tiny --steps 20 --warmup-steps 5)
+  DEVICE=cuda; TP_ARGS=(--model vit_b_16 --model vit_cifar_small --model vit_cifar_tiny --steps 20 --warmup-steps 5)
+  TPC_ARGS=(--model vit_b_16 --steps 30 --warmup-steps 5 --compile)
   RUN_ARGS=(--epochs 6); PARITY_IMAGES=2000; SWEEP_ARGS=()
+  BENCH_ARGS=(--batch-sizes 1,8,32,128,256 --max-seconds 2)
+  B16_MODEL=vit_b_16; B16_TRAIN=(--subset 2560 --val-size 256 --batch-size 64); B16_BENCH=(--limit 1000 --batch-sizes 1,8,32,128 --max-seconds 2)
 fi
 
-# section NAME BUDGET_SECONDS COMMAND...: run it under a timeout, log its output, record its status.
+# section NAME BUDGET_SECONDS COMMAND...: run it under a timeout, log its output, record its status, pack results.
 section() {
   local name=$1 budget=$2; shift 2
   case ",${GPU_CHECK_SECTIONS:-$name}," in *",$name,"*) ;; *) [ "$name" = env ] || return 0 ;; esac
@@ -39,45 +47,69 @@ section() {
   timeout --kill-after=10 "$budget" "$@" >>"$LOG" 2>&1
   local rc=$?
   "$PY" - "$OUT/sections.json" "$name" "$rc" "$((SECONDS - start))" "$budget" "$*" <<'PYEOF'
-import json, sys
+import fcntl, json, sys
 path, name, rc, seconds, budget, command = sys.argv[1:]
-try:
-    record = json.load(open(path))
-except (OSError, ValueError):
-    record = {"sections": []}
-rc = int(rc)
-status = "ok" if rc == 0 else "timeout" if rc in (124, 137) else "failed"
-record["sections"].append({"section": name, "status": status, "rc": rc, "seconds": int(seconds),
-                           "budget_seconds": int(budget), "command": command})
-json.dump(record, open(path, "w"), indent=2)
+with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # sections may finish concurrently
+    try:
+        record = json.load(open(path))
+    except (OSError, ValueError):
+        record = {"sections": []}
+    rc = int(rc)
+    status = "ok" if rc == 0 else "timeout" if rc in (124, 137) else "failed"
+    record["sections"].append({"section": name, "status": status, "rc": rc, "seconds": int(seconds),
+                               "budget_seconds": int(budget), "command": command})
+    json.dump(record, open(path, "w"), indent=2)
 PYEOF
+  tar -cf "$OUT/.results.tar.$name" -C "$RES" . && mv -f "$OUT/.results.tar.$name" "$OUT/results.tar"
   echo "=== $name: rc=$rc after $((SECONDS - start))s" >>"$LOG"
 }
 
 section env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true; \
-  $PY -m vitdeploy info --json > '$OUT/env.json'"
+  $PY -m vitdeploy info --json > '$RES/env.json'"
 
 if [ ! -f "$DATA/cifar-10-batches-py/data_batch_5" ]; then
   section data 40 "$PY" .gpu/compact/unpack.py "$DATA"
 fi
 
-# Issue 2: GPU-marked tests, training throughput (real data vs synthetic), a short real run.
+# Issue 2: GPU-marked tests; training throughput (real data vs synthetic).
 section gpu_tests 60 "$PY" -m pytest -q -m "gpu or trt" tests -p no:cacheprovider
 
-section train_throughput 60 "$PY" -m vitdeploy bench-train "${BENCH_ARGS[@]}" --source both --data-dir "$DATA" \
-  --device "$DEVICE" --json "$OUT/train_throughput.json"
+section train_throughput 60 "$PY" -m vitdeploy bench-train "${TP_ARGS[@]}" --source both --data-dir "$DATA" \
+  --device "$DEVICE" --json "$RES/train_throughput.json"
 
-# Issue 2's 2-epoch CPU recipe, in fp32 with candidate settings, many runs in parallel (chooses what to confirm on a CPU).
-section recipe_sweep 100 env OMP_NUM_THREADS=1 "$PY" scripts/recipe_sweep.py --data-dir "$DATA" --device "$DEVICE" \
-  --runs .gpu/runs/sweep --out-json "$OUT/recipe_sweep.json" "${SWEEP_ARGS[@]}"
+# Issue 2's 2-epoch CPU recipe in fp32 with candidate settings, many runs at once on the GPU (chooses what to
+# confirm on a CPU). In the background: the short run and export below need little GPU.
+section recipe_sweep 140 env OMP_NUM_THREADS=1 "$PY" scripts/recipe_sweep.py --data-dir "$DATA" --device "$DEVICE" \
+  --runs "$W/runs/sweep" --out-json "$RES/recipe_sweep.json" "${SWEEP_ARGS[@]}" &
+SWEEP=$!
 
-section cifar_small_run 60 bash -c "rm -rf .gpu/runs/cifar_small; $PY -m vitdeploy train --model vit_cifar_small --device $DEVICE --data-dir '$DATA' \
-  --out .gpu/runs/cifar_small ${RUN_ARGS[*]} && cp .gpu/runs/cifar_small/summary.json '$OUT/cifar_small_run.json'"
+section cifar_small_run 100 bash -c "rm -rf $W/runs/cifar_small; $PY -m vitdeploy train --model vit_cifar_small \
+  --device $DEVICE --data-dir '$DATA' --out $W/runs/cifar_small ${RUN_ARGS[*]} \
+  && cp $W/runs/cifar_small/summary.json '$RES/cifar_small_run.json'"
 
 # Issue 3: export the run above with --fp16; parity of fp32/fp16 ONNX on ONNX Runtime CPU, and on CUDA
 # (ONNX Runtime CUDA, TensorRT) where those are installed. The manifest is the result.
-section export_fp16 60 bash -c "rm -rf .gpu/art/cifar_small; $PY -m vitdeploy export .gpu/runs/cifar_small --out .gpu/art/cifar_small --fp16 \
-  --parity-images $PARITY_IMAGES --timing-cache .gpu/tensorrt-timing.cache; \
-  rc=\$?; cp .gpu/art/cifar_small/manifest.json '$OUT/export_manifest.json' 2>/dev/null; exit \$rc"
+section export_fp16 90 bash -c "rm -rf $W/art/cifar_small; $PY -m vitdeploy export $W/runs/cifar_small \
+  --out $W/art/cifar_small --fp16 --parity-images $PARITY_IMAGES --timing-cache $W/tensorrt-timing.cache; \
+  rc=\$?; cp $W/art/cifar_small/manifest.json '$RES/export_manifest.json' 2>/dev/null; exit \$rc"
+wait "$SWEEP"
 
-echo "results in $OUT:"; ls -1 "$OUT"
+# Issue 4: every backend usable here on the small model (accuracy and parity on the full test set, then
+# latency/throughput per batch size, end-to-end and device modes).
+section bench_small 90 "$PY" -m vitdeploy bench "$W/art/cifar_small" --backend all --out "$RES/bench_small" \
+  "${BENCH_ARGS[@]}"
+
+# Issue 2: vit_b_16 bf16 training throughput with torch.compile (eager is measured above).
+section train_throughput_compiled 120 "$PY" -m vitdeploy bench-train "${TPC_ARGS[@]}" --source both \
+  --data-dir "$DATA" --device "$DEVICE" --json "$RES/train_throughput_compiled.json"
+
+# Issue 4: vit_b_16 at 224 px (a few training steps from scratch: latency does not depend on the weights;
+# parity is on those weights), exported in fp32, then pytorch fp32/fp16/bf16 and ort-cpu.
+section bench_vit_b_16 180 bash -c "rm -rf $W/runs/b16 $W/art/b16 \
+  && $PY -m vitdeploy train --model $B16_MODEL --no-pretrained --device $DEVICE --data-dir '$DATA' --out $W/runs/b16 \
+     --epochs 1 ${B16_TRAIN[*]} \
+  && $PY -m vitdeploy export $W/runs/b16 --out $W/art/b16 --parity-images 64 --no-trt \
+  && $PY -m vitdeploy bench $W/art/b16 --out '$RES/bench_vit_b_16' ${B16_BENCH[*]}"
+
+echo "results in $OUT:"; ls -1 "$OUT"; tar -tvf "$OUT/results.tar"

@@ -263,6 +263,74 @@ def export(
     console.print(f"wrote {out / 'manifest.json'}")
 
 
+def _csv(text: str, flag: str, cast: type = str) -> tuple:
+    try:
+        return tuple(cast(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise VitDeployError(f"{flag} takes a comma-separated list, e.g. {'1,8,32' if cast is int else 'a,b'}; got {text!r}") from exc
+
+
+@app.command()
+def bench(
+    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
+    backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, trt.")] = "all",
+    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16. [default: pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda and trt every exported precision]")] = "",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8,32,128",
+    mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
+    warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,
+    min_iters: Annotated[int, typer.Option(help="Timed iterations per configuration, at least.")] = 20,
+    min_seconds: Annotated[float, typer.Option(help="Timed seconds per configuration, at least.")] = 1.0,
+    max_seconds: Annotated[float, typer.Option(help="Cap on the timed seconds per configuration (reported when it cuts a run short).")] = 20.0,
+    limit: Annotated[Optional[int], typer.Option(help="Accuracy and parity on the first N test images. [default: all 10,000]")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py. [default: the one the export used]")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu (intra-op) and pytorch on the CPU. [default: each runtime's own]")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the pytorch backend.")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend and reference).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.json, bench.csv, bench.png. [default: the artifact folder]")] = None,
+    max_abs_diff: Annotated[Optional[float], typer.Option(help="Largest allowed |logit - reference|. [default: 1e-3 for fp32, not enforced for fp16/bf16]")] = None,
+    tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this. [default: 2e-3 fp32, 0.5 fp16, 1.0 bf16]")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points. [default: 0 fp32, 0.1 fp16, 0.3 bf16]")] = None,
+) -> None:
+    """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
+    from vitdeploy.bench.report import write_reports
+    from vitdeploy.bench.run import MODES, BenchOptions, run_bench
+    from vitdeploy.bench.timing import TimingPolicy
+
+    modes = MODES if mode == "both" else (mode,)
+    options = BenchOptions(
+        artifacts=artifacts, backends=_csv(backend, "--backend"), precisions=_csv(precision, "--precision"),
+        batch_sizes=_csv(batch_sizes, "--batch-sizes", int), modes=modes,
+        policy=TimingPolicy(warmup, min_iters, min_seconds, max_seconds), limit=limit, data_dir=data_dir,
+        threads=threads, compile=compile, checkpoint=checkpoint, max_abs=max_abs_diff, margin=tie_margin,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    report = run_bench(options, say=lambda line: console.print(escape(line)))
+    paths = write_reports(report, out or artifacts)
+    gpu = report["environment"]["gpu"]
+    table = Table("backend", "precision", "mode", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s", "iters",
+                  title=f"{report['model']} on {gpu['name'] if gpu else 'CPU'}")
+    for r in report["records"]:
+        table.add_row(r["backend"], r["precision"], r["mode"], str(r["batch_size"]), f"{r['latency_ms_p50']:.3f}",
+                      f"{r['latency_ms_p90']:.3f}", f"{r['latency_ms_p99']:.3f}", f"{r['latency_ms_mean']:.3f}",
+                      f"{r['images_per_s']:,.1f}", f"{r['iterations']}{'*' if r['capped_by_max_seconds'] else ''}")
+    console.print(table)
+    if any(r["capped_by_max_seconds"] for r in report["records"]):
+        console.print("* stopped by --max-seconds before --min-iters/--min-seconds were met")
+    table = Table("backend", "precision", "accuracy %", "top-1 agreement %", "max |dlogit|", "mean |dlogit|", "NaN/Inf", "parity",
+                  title=f"accuracy and parity vs PyTorch fp32 on {report['data']['images']} test images")
+    for p in report["parity"]:
+        table.add_row(p["backend"], p["precision"], f"{p['accuracy_pct']:.2f}", f"{100 * p['top1_agreement']:.2f}",
+                      f"{p['max_abs_logit_diff']:.2e}", f"{p['mean_abs_logit_diff']:.2e}", str(p["nan_inf_images"]),
+                      "pass" if p["passed"] else "FAIL: " + escape("; ".join(p["failures"])))
+    console.print(table)
+    for s in report["skipped"]:
+        console.print(f"skipped {s['backend']}: {escape(s['reason'])}")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    failed = [f"{p['backend']} {p['precision']}" for p in report["parity"] if not p["passed"]]
+    if failed:
+        raise VitDeployError(f"outside parity tolerance: {', '.join(failed)} (details in {paths[0]})")
+
+
 @app.command()
 def predict(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],

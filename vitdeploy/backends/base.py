@@ -13,15 +13,28 @@ class Backend(ABC):
 
     Construction is cheap; `activate` loads the model (sessions, engines, device
     memory) and `deactivate` releases it. Use as a context manager.
+
+    GPU backends also offer a device mode for benchmarks: `stage` puts a batch on the
+    device once, and `run_staged` runs it and waits for the result, so that host-device
+    copies are left out of the measurement.
     """
 
     name: str = "backend"
+    device_mode: bool = False
 
     @abstractmethod
     def activate(self) -> None: ...
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> np.ndarray: ...
+
+    def stage(self, images: np.ndarray) -> Any:
+        """A batch placed on the device, ready for `run_staged` (device-mode backends only)."""
+        raise NotImplementedError(f"{self.name} has no device mode")
+
+    def run_staged(self, staged: Any) -> None:
+        """Run a staged batch and wait until the device has finished."""
+        raise NotImplementedError(f"{self.name} has no device mode")
 
     def deactivate(self) -> None:
         """Release what `activate` took; the default has nothing to release."""

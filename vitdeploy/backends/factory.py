@@ -16,13 +16,18 @@ from vitdeploy.preprocess import Preprocess, Preprocessing
 BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "trt")
 
 
-def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None) -> Backend:
-    """The backend `name` for the artifact of `precision` in `folder` (not yet activated)."""
+def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None,
+                 compile: bool = False, checkpoint: Path | None = None) -> Backend:
+    """The backend `name` for the artifact of `precision` in `folder` (not yet activated).
+
+    `threads` sets the CPU threads of ort-cpu (intra-op) and of pytorch on the CPU;
+    `checkpoint` overrides where the pytorch backend finds the training checkpoint.
+    """
     folder = Path(folder)
     if name not in BACKENDS:
         raise VitDeployError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "pytorch":
-        return _pytorch(manifest, precision)
+        return _pytorch(manifest, precision, threads, compile, checkpoint)
     kind = "tensorrt" if name == "trt" else "onnx"
     artifact = find_artifact(manifest, kind, precision)
     if artifact is None:
@@ -39,22 +44,25 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
                       max_batch=manifest["batch"]["max"])
 
 
-def _pytorch(manifest: dict[str, Any], precision: str) -> Backend:
+def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, compile: bool, checkpoint: Path | None) -> Backend:
     from vitdeploy.backends.pytorch import TorchBackend
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.models import build_model, get_spec
 
     source = manifest["model"]["source_checkpoint"]
-    path = Path(source["path"])
+    path = Path(checkpoint or source["path"])
     if not path.is_file() or sha256_file(path) != source["sha256"]:
-        raise VitDeployError(f"the pytorch backend needs the checkpoint the artifacts came from, {path}, unchanged; it is missing or differs")
-    checkpoint = load_checkpoint(path)
-    model = build_model(get_spec(checkpoint["model_name"]), len(checkpoint["class_names"]))
-    model.load_state_dict(checkpoint["model"])
+        raise VitDeployError(f"the pytorch backend needs the checkpoint the artifacts came from, {path}, unchanged; "
+                             "it is missing or differs (pass its new place with --checkpoint)")
+    state = load_checkpoint(path)
+    model = build_model(get_spec(state["model_name"]), len(state["class_names"]))
+    model.load_state_dict(state["model"])
     device = "cuda" if precision != "fp32" or torch.cuda.is_available() else "cpu"
     if precision != "fp32" and not torch.cuda.is_available():
         raise VitDeployError(f"the pytorch backend in {precision} needs a CUDA GPU; use --precision fp32 here")
-    return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision)
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
+    return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision, compile)
 
 
 def model_input(manifest: dict[str, Any], images: np.ndarray, backend: str) -> np.ndarray:

@@ -2,7 +2,8 @@
 explicit tolerances per precision.
 
 fp32 must reproduce the reference: logits within `max_abs`, and top-1 may differ only
-where the reference's top-2 margin is below `margin` (a numerical tie). fp16 is judged
+where the reference's top-2 margin is below `margin` (a numerical tie). fp16 (and bf16,
+with wider bounds for its coarser rounding) is judged
 by what it should preserve: no NaN/Inf, test accuracy within `max_accuracy_drop`
 points, and top-1 changes only on images whose fp32 top-2 margin is below `margin`
 (where a rounding error can flip the decision); its logit difference is reported.
@@ -31,6 +32,7 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance(max_abs=1e-3, margin=2e-3, max_accuracy_drop=0.0),
     "fp16": Tolerance(max_abs=None, margin=0.5, max_accuracy_drop=0.1),
+    "bf16": Tolerance(max_abs=None, margin=1.0, max_accuracy_drop=0.3),  # 8 mantissa bits to fp16's 11
 }
 
 

@@ -1,0 +1,1 @@
+"""`vitdeploy bench`: latency, throughput and accuracy parity of inference backends."""

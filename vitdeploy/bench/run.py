@@ -1,0 +1,243 @@
+"""What `vitdeploy bench` measures: which backend/precision pairs run here (and why the
+others do not), their accuracy and parity against the PyTorch fp32 reference on real
+test images, and their latency and throughput per batch size and input mode."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdeploy.backends.base import Backend, run_batches
+from vitdeploy.backends.factory import BACKENDS, model_input, open_backend
+from vitdeploy.bench.timing import TimingPolicy, measure
+from vitdeploy.data import load_test
+from vitdeploy.errors import VitDeployError
+from vitdeploy.export.parity import TOLERANCES, Tolerance, compare, describe
+from vitdeploy.manifest import read_manifest
+from vitdeploy.versions import backend_statuses, cuda_devices, device_record, versions
+
+MODES = ("end-to-end", "device")
+SCHEMA = "vitdeploy-bench"
+SCHEMA_VERSION = 1
+ROTATION = 4  # distinct real batches each configuration cycles through
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything `vitdeploy bench` was asked to do."""
+
+    artifacts: Path
+    backends: tuple[str, ...] = ("all",)
+    precisions: tuple[str, ...] = ()  # empty: each backend's natural set (see `precisions_for`)
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    modes: tuple[str, ...] = MODES
+    policy: TimingPolicy = field(default_factory=TimingPolicy)
+    limit: int | None = None
+    data_dir: Path | None = None
+    threads: int | None = None
+    compile: bool = False
+    checkpoint: Path | None = None
+    max_abs: float | None = None
+    margin: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def validate(self, manifest: dict[str, Any]) -> None:
+        unknown = [b for b in self.backends if b not in (*BACKENDS, "all")]
+        if unknown:
+            raise VitDeployError(f"unknown backend {unknown[0]!r}; choose from all, {', '.join(BACKENDS)}")
+        bad = [p for p in self.precisions if p not in TOLERANCES]
+        if bad:
+            raise VitDeployError(f"unknown precision {bad[0]!r}; choose from {', '.join(TOLERANCES)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise VitDeployError("--batch-sizes must be positive integers, e.g. 1,8,32,128")
+        lo, hi = manifest["batch"]["min"], manifest["batch"]["max"]
+        outside = [b for b in self.batch_sizes if not lo <= b <= hi]
+        if outside:
+            raise VitDeployError(f"batch size {outside[0]} is outside the exported range {lo}..{hi}; "
+                                 "choose sizes within it or re-export with --min-batch/--max-batch")
+        if self.limit is not None and self.limit < 1:
+            raise VitDeployError("--limit must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise VitDeployError("--threads must be at least 1")
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise VitDeployError(f"--mode must be one of {', '.join(MODES)} or both")
+
+    def tolerance(self, precision: str) -> Tolerance:
+        """The default tolerance of `precision`, with the options given on the command line."""
+        overrides = {k: v for k, v in (("max_abs", self.max_abs), ("margin", self.margin),
+                                       ("max_accuracy_drop", self.max_accuracy_drop)) if v is not None}
+        return replace(TOLERANCES[precision], **overrides)
+
+
+def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(precisions to run, reasons for the asked ones that cannot run) for backend `name`.
+
+    Without `asked`: pytorch runs fp32, plus fp16 and bf16 on a GPU; ort-cpu fp32;
+    ort-cuda every exported ONNX precision; trt every engine.
+    """
+    cuda = torch.cuda.is_available()
+    if name == "pytorch":
+        natural = ["fp32", "fp16", "bf16"] if cuda else ["fp32"]
+        if not asked:
+            return natural, []
+        return [p for p in asked if p in natural], [f"pytorch {p}: needs a CUDA GPU" for p in asked if p not in natural]
+    kind = "tensorrt" if name == "trt" else "onnx"
+    exported = [a["precision"] for a in manifest["artifacts"] if a["kind"] == kind]
+    if not asked:
+        return (["fp32"] if name == "ort-cpu" and "fp32" in exported else exported), []
+    fix = "re-export with --trt" if kind == "tensorrt" else "re-export with --fp16"
+    return ([p for p in asked if p in exported],
+            [f"{name} {p}: the artifacts have no {kind} {p} model ({fix})" for p in asked if p not in exported])
+
+
+def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(backend, precision) pairs to run, and the skipped ones with their reasons.
+
+    With `all`, a backend that cannot run here is skipped; named explicitly, it is an error.
+    """
+    statuses = {s.name: s for s in backend_statuses()}
+    explicit = "all" not in options.backends
+    names = options.backends if explicit else BACKENDS
+    runs, skipped = [], []
+    for name in dict.fromkeys(names):
+        status = statuses[name]
+        if not status.usable:
+            if explicit:
+                raise VitDeployError(f"backend {name} cannot run here: {status.reason}")
+            skipped.append({"backend": name, "reason": status.reason})
+            continue
+        chosen, reasons = precisions_for(name, manifest, options.precisions)
+        runs += [(name, p) for p in chosen]
+        skipped += [{"backend": name, "reason": r} for r in reasons]
+        if not chosen and not reasons:
+            skipped.append({"backend": name, "reason": f"no {name} artifact in {options.artifacts}"})
+    if not runs:
+        raise VitDeployError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
+    return runs, skipped
+
+
+def rotation(images: np.ndarray, batch_size: int, count: int = ROTATION) -> list[np.ndarray]:
+    """`count` distinct consecutive batches of real images (wrapping around a small set)."""
+    n = len(images)
+    return [images[np.arange(k * batch_size, (k + 1) * batch_size) % n] for k in range(count)]
+
+
+def environment() -> dict[str, Any]:
+    """The machine the numbers were measured on."""
+    cuda = torch.device("cuda") if torch.cuda.is_available() else None
+    return {
+        "versions": versions(),
+        "cpu": {"name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                "torch_threads": torch.get_num_threads()},
+        "cuda_devices": cuda_devices(),
+        "gpu": device_record(cuda) if cuda is not None else None,
+        "host": platform.node(),
+    }
+
+
+def run_bench(options: BenchOptions, say: Say = print) -> dict[str, Any]:
+    """Measure everything `options` asks for; returns the report (see README: bench.json)."""
+    manifest = read_manifest(options.artifacts)
+    options.validate(manifest)
+    runs, skipped = plan(manifest, options)
+    for s in skipped:
+        say(f"skipped {s['backend']}: {s['reason']}")
+
+    data_dir = options.data_dir or Path(manifest.get("parity_data", {}).get("data_dir", "data"))
+    test = load_test(data_dir)
+    n = min(options.limit or len(test), len(test))
+    images, labels = test.images[:n].numpy(), test.labels[:n].numpy()
+    eval_batch = max(options.batch_sizes)
+    say(f"accuracy and parity on {n} CIFAR-10 test images from {data_dir}; timing batch sizes "
+        f"{', '.join(map(str, options.batch_sizes))}")
+
+    def open_(name: str, precision: str) -> Backend:
+        return open_backend(options.artifacts, manifest, name, precision, threads=options.threads,
+                            compile=options.compile and name == "pytorch", checkpoint=options.checkpoint)
+
+    with open_("pytorch", "fp32") as reference:
+        ref_logits = run_batches(reference, images, eval_batch)
+
+    records: list[dict[str, Any]] = []
+    parity: list[dict[str, Any]] = []
+    for name, precision in runs:
+        with open_(name, precision) as backend:
+            described = backend.describe()
+            if (name, precision) == ("pytorch", "fp32") and not options.compile:
+                logits = ref_logits  # it is the reference
+            else:
+                logits = run_batches(backend, model_input(manifest, images, name), eval_batch)
+            metrics = compare(ref_logits, logits, labels, options.tolerance(precision))
+            parity.append({"backend": name, "precision": precision, **metrics})
+            say(f"{name} {precision}: {describe(metrics)}")
+            for batch_size in options.batch_sizes:
+                batches = [model_input(manifest, b, name) for b in rotation(images, batch_size)]
+                for mode in options.modes:
+                    if mode == "device" and not backend.device_mode:
+                        continue
+                    if mode == "device":
+                        timing = measure(backend.run_staged, [backend.stage(b) for b in batches], options.policy)
+                    else:
+                        timing = measure(backend.infer, batches, options.policy)
+                    record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
+                    records.append(record)
+                    say(f"{name} {precision} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
+                        f"{record['images_per_s']:,.1f} images/s ({record['iterations']} iterations"
+                        f"{', capped by --max-seconds' if record['capped_by_max_seconds'] else ''})")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "artifacts": str(options.artifacts),
+        "model": manifest["model"]["name"],
+        "input": {k: manifest["input"][k] for k in ("dtype", "shape", "preprocessing_in_graph")},
+        "data": {"data_dir": str(data_dir), "images": n, "eval_batch_size": eval_batch},
+        "timing_policy": options.policy.to_dict(),
+        "modes_definition": {
+            "end-to-end": "host uint8 images in, host float32 logits out: host preprocessing (when not in the graph), "
+                          "host-device copies and synchronization included",
+            "device": "inputs already on the device, outputs left there; timed until the device has finished",
+        },
+        "environment": environment(),
+        "skipped": skipped,
+        "parity": parity,
+        "records": records,
+        "passed": all(p["passed"] for p in parity),
+    }
+
+
+def _record(name: str, precision: str, mode: str, batch_size: int, described: dict[str, Any], timing: dict[str, Any],
+            metrics: dict[str, Any]) -> dict[str, Any]:
+    """One flat row: configuration, timing, and the configuration's parity."""
+    return {
+        "backend": name,
+        "precision": precision,
+        "mode": mode,
+        "batch_size": batch_size,
+        "device": described.get("device"),
+        "threads": described.get("threads"),
+        "compiled": described.get("compiled", False),
+        **timing,
+        "accuracy_pct": metrics["accuracy_pct"],
+        "reference_accuracy_pct": metrics["reference_accuracy_pct"],
+        "top1_agreement": metrics["top1_agreement"],
+        "max_abs_logit_diff": metrics["max_abs_logit_diff"],
+        "mean_abs_logit_diff": metrics["mean_abs_logit_diff"],
+        "nan_inf_images": metrics["nan_inf_images"],
+        "parity_passed": metrics["passed"],
+    }
