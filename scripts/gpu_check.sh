@@ -35,7 +35,7 @@ else
   TPC_ARGS=(--model vit_b_16 --steps 30 --warmup-steps 5 --compile)
   RUN_ARGS=(--epochs 6); PARITY_IMAGES=2000; SWEEP_ARGS=()
   BENCH_ARGS=(--batch-sizes 1,8,32,128,256 --max-seconds 2)
-  B16_MODEL=vit_b_16; B16_TRAIN=(--subset 2560 --val-size 256 --batch-size 64); B16_BENCH=(--limit 1000 --batch-sizes 1,8,32,128 --max-seconds 2)
+  B16_MODEL=vit_b_16; B16_TRAIN=(--subset 2560 --val-size 256 --batch-size 64); B16_BENCH=(--backend pytorch --limit 1000 --batch-sizes 1,8,32,128 --max-seconds 2)
 fi
 
 # section NAME BUDGET_SECONDS COMMAND...: run it under a timeout, log its output, record its status, pack results.
@@ -105,7 +105,8 @@ section train_throughput_compiled 120 "$PY" -m vitdeploy bench-train "${TPC_ARGS
   --data-dir "$DATA" --device "$DEVICE" --json "$RES/train_throughput_compiled.json"
 
 # Issue 4: vit_b_16 at 224 px (a few training steps from scratch: latency does not depend on the weights;
-# parity is on those weights), exported in fp32, then pytorch fp32/fp16/bf16 and ort-cpu.
+# parity is on those weights), exported in fp32, then pytorch fp32/fp16/bf16 (and ort-cuda/trt where
+# installed: add them to --backend); ort-cpu at batch 128 alone would take this section's budget.
 section bench_vit_b_16 180 bash -c "rm -rf $W/runs/b16 $W/art/b16 \
   && $PY -m vitdeploy train --model $B16_MODEL --no-pretrained --device $DEVICE --data-dir '$DATA' --out $W/runs/b16 \
      --epochs 1 ${B16_TRAIN[*]} \

@@ -79,3 +79,26 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def trained(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A vit_cifar_tiny run trained for a few steps (its head is no longer all zeros)."""
+    from vitdeploy.train import TrainConfig, run_training
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = TrainConfig.from_options("vit_cifar_tiny", data_dir=str(cifar_root), out=str(out), epochs=1, batch_size=16,
+                                      val_size=40, device="cpu", max_steps=6)
+    run_training(config)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`trained` exported: ONNX fp32 and fp16, batch 1..16, a Triton repository beside it (read-only by convention)."""
+    from vitdeploy.export.artifacts import ExportOptions, export_artifacts
+
+    root = tmp_path_factory.mktemp("art")
+    export_artifacts(ExportOptions(source=trained, out=root / "art", fp16=True, max_batch=16, triton=root / "triton",
+                                   data_dir=cifar_root), say=lambda _line: None)
+    return root / "art"

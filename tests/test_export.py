@@ -20,27 +20,8 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.export.artifacts import ExportOptions, export_artifacts
 from vitdeploy.export.fp16 import node_dtypes
 from vitdeploy.manifest import read_manifest
-from vitdeploy.train import TrainConfig, run_training
 
 FLOAT, FLOAT16, UINT8 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.UINT8
-
-
-@pytest.fixture(scope="module")
-def trained(cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A vit_cifar_tiny run trained for a few steps (its head is no longer all zeros)."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    config = TrainConfig.from_options("vit_cifar_tiny", data_dir=str(cifar_root), out=str(out), epochs=1, batch_size=16,
-                                      val_size=40, device="cpu", max_steps=6)
-    run_training(config)
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("art")
-    export_artifacts(ExportOptions(source=trained, out=root / "art", fp16=True, max_batch=16, triton=root / "triton",
-                                   data_dir=cifar_root), say=lambda _line: None)
-    return root / "art"
 
 
 def test_manifest_describes_everything(exported: Path, trained: Path) -> None:

@@ -53,3 +53,16 @@ def test_mixed_precision_eval_agrees_with_fp32(cifar_root: Path) -> None:
     precision = choose_precision(torch.device("cuda"))
     fp32, mixed = evaluate(model, data, 64, "fp32"), evaluate(model, data, 64, precision)
     assert abs(fp32["loss"] - mixed["loss"]) < 0.05
+
+
+def test_bench_pytorch_on_gpu_times_both_modes(exported: Path, cifar_root: Path) -> None:
+    from vitdeploy.bench.run import BenchOptions, run_bench
+    from vitdeploy.bench.timing import TimingPolicy
+
+    options = BenchOptions(artifacts=exported, backends=("pytorch",), batch_sizes=(1, 8), data_dir=cifar_root,
+                           policy=TimingPolicy(warmup=1, min_iters=3, min_seconds=0, max_seconds=1))
+    report = run_bench(options, say=lambda _line: None)
+    assert {(r["precision"], r["mode"]) for r in report["records"]} == {
+        (p, m) for p in ("fp32", "fp16", "bf16") for m in ("end-to-end", "device")}
+    assert all(p["passed"] for p in report["parity"]), report["parity"]
+    assert report["environment"]["gpu"]["name"] == torch.cuda.get_device_name(0)

@@ -7,6 +7,7 @@ traceback); usage mistakes are Typer's exit code 2.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import traceback
@@ -166,8 +167,14 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record. [default: 20]")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all. [default: 2]")] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test. [default: --batch-size]")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Run data-parallel on N processes of this machine (re-launches itself through torchrun; --batch-size stays global).")] = None,
 ) -> None:
-    """Train or fine-tune a ViT on CIFAR-10 (validation split for model selection, test set reported)."""
+    """Train or fine-tune a ViT on CIFAR-10 (validation split for model selection, test set reported).
+
+    Under `torchrun --nproc-per-node N -m vitdeploy train ...` it trains data-parallel
+    (DistributedDataParallel: NCCL on GPUs, gloo on CPUs)."""
+    if nproc_per_node is not None:
+        _relaunch_with_torchrun(nproc_per_node)
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.models import DEFAULT_MODEL
     from vitdeploy.train import TrainConfig, run_dir_of, run_training
@@ -195,6 +202,28 @@ def train(
         result = run_training(TrainConfig.from_options(name, **options), console=console)
     if result.interrupted is not None:
         raise typer.Exit(128 + result.interrupted)
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same `vitdeploy train` command under torchrun on `nproc` local processes."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise VitDeployError("--nproc-per-node must be at least 1")
+    if "WORLD_SIZE" in os.environ:
+        raise VitDeployError("--nproc-per-node is for starting a job; under torchrun, leave it out")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "vitdeploy", *args]
+    console.print("launching: " + " ".join(command[1:]))
+    raise typer.Exit(subprocess.call(command))
 
 
 @app.command("bench-train")
@@ -275,7 +304,7 @@ def bench(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
     backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, trt.")] = "all",
     precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16. [default: pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda and trt every exported precision]")] = "",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.")] = "1,8,32,128",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time. [default: 1,8,32,128, those within the exported range]")] = "",
     mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,
     min_iters: Annotated[int, typer.Option(help="Timed iterations per configuration, at least.")] = 20,
@@ -304,8 +333,10 @@ def bench(
         threads=threads, compile=compile, checkpoint=checkpoint, max_abs=max_abs_diff, margin=tie_margin,
         max_accuracy_drop=max_accuracy_drop,
     )
-    report = run_bench(options, say=lambda line: console.print(escape(line)))
-    paths = write_reports(report, out or artifacts)
+    folder = out or artifacts
+    report = run_bench(options, say=lambda line: console.print(escape(line)),
+                       progress=lambda partial: write_reports(partial, folder, plot=False))
+    paths = write_reports(report, folder)
     gpu = report["environment"]["gpu"]
     table = Table("backend", "precision", "mode", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s", "iters",
                   title=f"{report['model']} on {gpu['name'] if gpu else 'CPU'}")
@@ -370,6 +401,51 @@ def predict(
     for result in results:
         tops = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
         console.print(f"{escape(result['image'])}: {tops}")
+
+
+@app.command()
+def serve(
+    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
+    backend: Annotated[BackendName, typer.Option(help="Which runtime serves.")] = BackendName.ort_cpu,
+    precision: Annotated[Precision, typer.Option(help="Which artifact (ONNX/TensorRT) or arithmetic (pytorch): fp32, fp16, bf16 (auto: fp32).")] = Precision.auto,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most images per backend call (within the exported batch range).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill after its first image.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Most prediction requests in progress and images queued; beyond it requests get 503 with Retry-After.")] = 256,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (413 beyond).")] = 8.0,
+    max_images_per_request: Annotated[int, typer.Option(help="Most images in one /v1/predict/batch request.")] = 64,
+    timeout_s: Annotated[float, typer.Option(help="Per-request deadline, seconds (504 beyond).")] = 30.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="VITDEPLOY_API_KEY", help="Require this key (Authorization: Bearer KEY or X-API-Key) on every endpoint but /healthz, /readyz and the upload page.")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeat for several). [default: CORS off]")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
+    try:
+        import uvicorn
+
+        from vitdeploy.serve.app import create_app
+    except ImportError as exc:
+        raise VitDeployError(f"serving needs the serve extra ({exc.name} is missing): pip install 'vitdeploy[serve]'") from exc
+    from vitdeploy.serve.config import ServeConfig
+
+    config = ServeConfig(
+        artifacts=artifacts, backend=backend.value, precision="fp32" if precision is Precision.auto else precision.value,
+        host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        max_body_bytes=int(max_body_mb * 2**20), max_images_per_request=max_images_per_request, timeout_s=timeout_s,
+        api_key=api_key, cors_origins=tuple(cors_origin or ()), threads=threads,
+        checkpoint=checkpoint,
+    )
+    application = create_app(config)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console.print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
+    console.print(f"serving {artifacts} with {config.backend} {config.precision} on http://{host}:{port}/ (SIGTERM or Ctrl-C drains and stops)")
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: a no-op one makes
+    # a drained shutdown exit 0, as process managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(timeout_s) + 5)
 
 
 def _str(path: Optional[Path]) -> Optional[str]:

@@ -30,14 +30,16 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise VitDeployError(f"{name} is {width}x{height} pixels, more than the {MAX_PIXELS:,} allowed")
+                raise VitDeployError(f"{name} is {width}x{height} pixels, more than the {MAX_PIXELS:,} pixels allowed")
             if min(width, height) < MIN_SIDE:
                 raise VitDeployError(f"{name} is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
             rgb = image.convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
             array = np.asarray(rgb, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit, hit before ours for the largest images
+        raise VitDeployError(f"{name} has more than the {MAX_PIXELS:,} pixels allowed ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise VitDeployError(f"{name} is not a readable image ({exc})") from exc
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 

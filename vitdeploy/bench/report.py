@@ -18,13 +18,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(report: dict[str, Any], out: Path) -> list[Path]:
-    """Write bench.json, bench.csv and bench.png into `out`; returns their paths."""
+def write_reports(report: dict[str, Any], out: Path, plot: bool = True) -> list[Path]:
+    """Write bench.json, bench.csv and (with `plot`) bench.png into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.json", out / "bench.csv", out / "bench.png"]
+    paths = [out / "bench.json", out / "bench.csv"]
     _atomic_write(paths[0], (json.dumps(report, indent=2) + "\n").encode())
     _atomic_write(paths[1], records_csv(report["records"]).encode())
-    _atomic_write(paths[2], plot_png(report))
+    if plot:
+        paths.append(out / "bench.png")
+        _atomic_write(paths[2], plot_png(report))
     return paths
 
 

@@ -29,6 +29,7 @@ MODES = ("end-to-end", "device")
 SCHEMA = "vitdeploy-bench"
 SCHEMA_VERSION = 1
 ROTATION = 4  # distinct real batches each configuration cycles through
+DEFAULT_BATCH_SIZES = (1, 8, 32, 128)
 
 Say = Callable[[str], None]
 
@@ -40,7 +41,7 @@ class BenchOptions:
     artifacts: Path
     backends: tuple[str, ...] = ("all",)
     precisions: tuple[str, ...] = ()  # empty: each backend's natural set (see `precisions_for`)
-    batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    batch_sizes: tuple[int, ...] = ()  # empty: DEFAULT_BATCH_SIZES within the exported range
     modes: tuple[str, ...] = MODES
     policy: TimingPolicy = field(default_factory=TimingPolicy)
     limit: int | None = None
@@ -59,10 +60,10 @@ class BenchOptions:
         bad = [p for p in self.precisions if p not in TOLERANCES]
         if bad:
             raise VitDeployError(f"unknown precision {bad[0]!r}; choose from {', '.join(TOLERANCES)}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
+        if self.batch_sizes and min(self.batch_sizes) < 1:
             raise VitDeployError("--batch-sizes must be positive integers, e.g. 1,8,32,128")
         lo, hi = manifest["batch"]["min"], manifest["batch"]["max"]
-        outside = [b for b in self.batch_sizes if not lo <= b <= hi]
+        outside = [b for b in self.batch_sizes if not lo <= b <= hi]  # only sizes asked for explicitly
         if outside:
             raise VitDeployError(f"batch size {outside[0]} is outside the exported range {lo}..{hi}; "
                                  "choose sizes within it or re-export with --min-batch/--max-batch")
@@ -72,6 +73,13 @@ class BenchOptions:
             raise VitDeployError("--threads must be at least 1")
         if not self.modes or any(m not in MODES for m in self.modes):
             raise VitDeployError(f"--mode must be one of {', '.join(MODES)} or both")
+
+    def sizes(self, manifest: dict[str, Any]) -> tuple[int, ...]:
+        """The batch sizes to time: those asked for, or the defaults the artifacts accept."""
+        if self.batch_sizes:
+            return self.batch_sizes
+        lo, hi = manifest["batch"]["min"], manifest["batch"]["max"]
+        return tuple(b for b in DEFAULT_BATCH_SIZES if lo <= b <= hi) or (hi,)
 
     def tolerance(self, precision: str) -> Tolerance:
         """The default tolerance of `precision`, with the options given on the command line."""
@@ -146,8 +154,12 @@ def environment() -> dict[str, Any]:
     }
 
 
-def run_bench(options: BenchOptions, say: Say = print) -> dict[str, Any]:
-    """Measure everything `options` asks for; returns the report (see README: bench.json)."""
+def run_bench(options: BenchOptions, say: Say = print,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure everything `options` asks for; returns the report (see README: bench.json).
+
+    `progress` receives the report so far after each measurement, so that an interrupted
+    run keeps what it measured."""
     manifest = read_manifest(options.artifacts)
     options.validate(manifest)
     runs, skipped = plan(manifest, options)
@@ -158,9 +170,10 @@ def run_bench(options: BenchOptions, say: Say = print) -> dict[str, Any]:
     test = load_test(data_dir)
     n = min(options.limit or len(test), len(test))
     images, labels = test.images[:n].numpy(), test.labels[:n].numpy()
-    eval_batch = max(options.batch_sizes)
+    batch_sizes = options.sizes(manifest)
+    eval_batch = max(batch_sizes)
     say(f"accuracy and parity on {n} CIFAR-10 test images from {data_dir}; timing batch sizes "
-        f"{', '.join(map(str, options.batch_sizes))}")
+        f"{', '.join(map(str, batch_sizes))}")
 
     def open_(name: str, precision: str) -> Backend:
         return open_backend(options.artifacts, manifest, name, precision, threads=options.threads,
@@ -171,35 +184,7 @@ def run_bench(options: BenchOptions, say: Say = print) -> dict[str, Any]:
 
     records: list[dict[str, Any]] = []
     parity: list[dict[str, Any]] = []
-    for name, precision in runs:
-        with open_(name, precision) as backend:
-            described = backend.describe()
-            if (name, precision) == ("pytorch", "fp32") and not options.compile:
-                logits = ref_logits  # it is the reference
-            else:
-                logits = run_batches(backend, model_input(manifest, images, name), eval_batch)
-            metrics = compare(ref_logits, logits, labels, options.tolerance(precision))
-            parity.append({"backend": name, "precision": precision, **metrics})
-            say(f"{name} {precision}: {describe(metrics)}")
-            for batch_size in options.batch_sizes:
-                batches = [model_input(manifest, b, name) for b in rotation(images, batch_size)]
-                for mode in options.modes:
-                    if mode == "device" and not backend.device_mode:
-                        continue
-                    if mode == "device":
-                        timing = measure(backend.run_staged, [backend.stage(b) for b in batches], options.policy)
-                    else:
-                        timing = measure(backend.infer, batches, options.policy)
-                    record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
-                    records.append(record)
-                    say(f"{name} {precision} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
-                        f"{record['images_per_s']:,.1f} images/s ({record['iterations']} iterations"
-                        f"{', capped by --max-seconds' if record['capped_by_max_seconds'] else ''})")
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    return {
+    report = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -217,8 +202,42 @@ def run_bench(options: BenchOptions, say: Say = print) -> dict[str, Any]:
         "skipped": skipped,
         "parity": parity,
         "records": records,
-        "passed": all(p["passed"] for p in parity),
+        "complete": False,
+        "passed": True,
     }
+    for name, precision in runs:
+        with open_(name, precision) as backend:
+            described = backend.describe()
+            if (name, precision) == ("pytorch", "fp32") and not options.compile:
+                logits = ref_logits  # it is the reference
+            else:
+                logits = run_batches(backend, model_input(manifest, images, name), eval_batch)
+            metrics = compare(ref_logits, logits, labels, options.tolerance(precision))
+            parity.append({"backend": name, "precision": precision, **metrics})
+            say(f"{name} {precision}: {describe(metrics)}")
+            for batch_size in batch_sizes:
+                batches = [model_input(manifest, b, name) for b in rotation(images, batch_size)]
+                for mode in options.modes:
+                    if mode == "device" and not backend.device_mode:
+                        continue
+                    if mode == "device":
+                        timing = measure(backend.run_staged, [backend.stage(b) for b in batches], options.policy)
+                    else:
+                        timing = measure(backend.infer, batches, options.policy)
+                    record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
+                    records.append(record)
+                    if progress is not None:
+                        progress(report)
+                    say(f"{name} {precision} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
+                        f"{record['images_per_s']:,.1f} images/s ({record['iterations']} iterations"
+                        f"{', capped by --max-seconds' if record['capped_by_max_seconds'] else ''})")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    report["complete"] = True
+    report["passed"] = all(p["passed"] for p in parity)
+    return report
 
 
 def _record(name: str, precision: str, mode: str, batch_size: int, described: dict[str, Any], timing: dict[str, Any],

@@ -29,7 +29,9 @@ from vitdeploy.data import ImageSet, load_splits
 from vitdeploy.errors import VitDeployError
 from vitdeploy.models import build_model, get_spec, load_pretrained, load_weights_file
 from vitdeploy.preprocess import Preprocess, Preprocessing, augment_params, epoch_permutation, random_crop_flip
+from vitdeploy.train import distributed
 from vitdeploy.train.config import TrainConfig
+from vitdeploy.train.distributed import DistContext
 from vitdeploy.train.precision import DTYPES, choose_precision
 from vitdeploy.train.schedule import WarmupCosine, build_optimizer
 from vitdeploy.versions import device_record, versions
@@ -92,6 +94,7 @@ class StepContext:
     grad_accum: int
     grad_clip: float
     label_smoothing: float
+    ddp: bool = False  # the model is DistributedDataParallel: all-reduce gradients once per step
 
 
 def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,10 +103,13 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> 
     Returns the batch's mean loss as a device tensor (no host sync).
     """
     total = torch.zeros((), device=ctx.device)
-    for x, y in zip(inputs.chunk(ctx.grad_accum), labels.chunk(ctx.grad_accum)):
-        with autocast(ctx.device, ctx.precision):
-            loss = F.cross_entropy(ctx.model(x), y, label_smoothing=ctx.label_smoothing)
-        ctx.scaler.scale(loss / ctx.grad_accum).backward()
+    micro = list(zip(inputs.chunk(ctx.grad_accum), labels.chunk(ctx.grad_accum), strict=True))
+    for i, (x, y) in enumerate(micro):
+        sync = not ctx.ddp or i == len(micro) - 1  # DDP all-reduces on the last micro-batch only
+        with nullcontext() if sync else ctx.model.no_sync():
+            with autocast(ctx.device, ctx.precision):
+                loss = F.cross_entropy(ctx.model(x), y, label_smoothing=ctx.label_smoothing)
+            ctx.scaler.scale(loss / ctx.grad_accum).backward()
         total += loss.detach().float() / ctx.grad_accum
     if ctx.grad_clip > 0:
         ctx.scaler.unscale_(ctx.optimizer)
@@ -115,17 +121,24 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, precision: str) -> dict[str, float]:
-    """Top-1 accuracy (fraction) and mean cross-entropy over the whole set."""
+def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, precision: str,
+             dist: DistContext | None = None) -> dict[str, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy over the whole set; in a distributed
+    run each rank takes a contiguous share (no padding, no image counted twice) and the sums
+    are added up across ranks."""
+    dist = dist or DistContext()
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=data.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
-    for start in range(0, len(data), batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+    first, last = distributed.shard(dist, len(data))
+    for start in range(first, last, batch_size):
+        x, y = data.batch(torch.arange(start, min(start + batch_size, last)))
         with autocast(data.device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
+    distributed.all_sum(dist, correct)
+    distributed.all_sum(dist, loss_sum)
     model.train()
     n = len(data)
     return {"acc": correct.item() / n, "loss": loss_sum.item() / n, "images": n}
@@ -189,12 +202,21 @@ class TrainResult:
 class _Run:
     """The state of one training process: model, optimizer, data, files."""
 
-    def __init__(self, config: TrainConfig, console: Console, resume: dict[str, Any] | None) -> None:
+    def __init__(self, config: TrainConfig, console: Console, resume: dict[str, Any] | None, dist: DistContext) -> None:
         self.config = config
         self.console = console
+        self.dist = dist
         self.spec = get_spec(config.model)
         self.out = Path(config.out)
         self.device = resolve_device(config.device)
+        if dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
+        if config.batch_size % (dist.world_size * config.grad_accum):
+            raise VitDeployError(
+                f"--batch-size {config.batch_size} is global and must split evenly over {dist.world_size} ranks x "
+                f"--grad-accum {config.grad_accum}; choose a multiple of {dist.world_size * config.grad_accum}"
+            )
+        self.local_batch = config.batch_size // dist.world_size
         self.precision = choose_precision(self.device, config.precision)
         self.preprocessing: Preprocessing = self.spec.preprocessing()
         splits = load_splits(Path(config.data_dir), config.val_size, config.seed, config.subset, config.download)
@@ -221,7 +243,12 @@ class _Run:
         else:
             self.model.load_state_dict(resume["model"])
         self.model.to(self.device)
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        wrapped = self.model
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward_model = torch.compile(wrapped) if config.compile else wrapped
         self.optimizer = build_optimizer(
             self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers, fused=self.device.type == "cuda"
         )
@@ -238,7 +265,7 @@ class _Run:
                 torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         self.step_ctx = StepContext(
             self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
-            config.grad_accum, config.grad_clip, config.label_smoothing,
+            config.grad_accum, config.grad_clip, config.label_smoothing, ddp=dist.active,
         )
 
     def _load_initial_weights(self) -> None:
@@ -278,12 +305,24 @@ class _Run:
 
     def save_checkpoint(self, is_best: bool = False) -> Path:
         """At an epoch boundary checkpoints/epoch-NNNN.pt (older ones pruned), otherwise a
-        mid-epoch position; last.pt always names the newest, best.pt the best on validation."""
+        mid-epoch position; last.pt always names the newest, best.pt the best on validation.
+        Rank 0 writes; every rank returns the path once the file is complete."""
+        path = self._write_checkpoint(is_best) if self.dist.is_main else self._checkpoint_path()
+        distributed.barrier(self.dist)
+        return path
+
+    def _checkpoint_path(self) -> Path:
+        prog = self.progress
+        if prog.batch == 0 and prog.epoch > 0:
+            return self.out / "checkpoints" / f"epoch-{prog.epoch:04d}.pt"
+        return self.out / "last.pt"
+
+    def _write_checkpoint(self, is_best: bool) -> Path:
         prog = self.progress
         if prog.batch == 0 and prog.epoch > 0:
             folder = self.out / "checkpoints"
             folder.mkdir(exist_ok=True)
-            path = folder / f"epoch-{prog.epoch:04d}.pt"
+            path = self._checkpoint_path()
             atomic_save(self.checkpoint_dict(), path)
             atomic_link(path, self.out / "last.pt")
             if self.config.keep_checkpoints:
@@ -297,6 +336,8 @@ class _Run:
         return path
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -327,7 +368,8 @@ class _Run:
         def flush() -> None:
             """Bring pending losses to the host (the one sync per logging window) and count time."""
             elapsed = time.perf_counter() - window["start"]
-            losses = torch.stack(pending).tolist() if pending else []
+            stacked = torch.stack(pending) if pending else torch.zeros(0, device=self.device)
+            losses = (distributed.all_sum(self.dist, stacked) / self.dist.world_size).tolist()  # global batch means
             pending.clear()
             prog.train_seconds += elapsed
             window["seconds"] += elapsed
@@ -340,11 +382,14 @@ class _Run:
 
         stopped = False
         while prog.batch < self.steps_per_epoch and prog.step < self.total_steps:
-            if stop:
+            signum = distributed.agree_signal(self.dist, stop.signum)  # every rank stops at the same step
+            if signum:
+                stop.set(signum)
                 stopped = True
                 break
             indices = order[prog.batch * cfg.batch_size: (prog.batch + 1) * cfg.batch_size]
-            inputs, labels = self.train_data.batch(indices, augment=(cfg.seed, epoch, cfg.crop_padding))
+            mine = indices[self.dist.rank * self.local_batch: (self.dist.rank + 1) * self.local_batch]
+            inputs, labels = self.train_data.batch(mine, augment=(cfg.seed, epoch, cfg.crop_padding))
             pending.append(train_step(self.step_ctx, inputs, labels))
             self.schedule.step()
             prog.batch += 1
@@ -366,7 +411,7 @@ class _Run:
     def evaluate_and_checkpoint(self, epoch: int) -> dict[str, Any]:
         """Validation, the epoch record and a checkpoint; at an epoch's end the position moves to the next epoch."""
         prog = self.progress
-        val = evaluate(self.model, self.val_data, self.eval_batch_size, self.precision)
+        val = evaluate(self.model, self.val_data, self.eval_batch_size, self.precision, self.dist)
         complete = prog.batch == self.steps_per_epoch
         is_best = val["acc"] > prog.best_val_acc
         if is_best:
@@ -389,12 +434,12 @@ class _Run:
 
     def final_report(self, wall_seconds: float) -> dict[str, Any]:
         prog = self.progress
-        final = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision)
+        final = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision, self.dist)
         best = final
         if prog.best_step != prog.step and (self.out / "best.pt").is_file():
             best_model = build_model(self.spec, len(self.class_names))
             best_model.load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
-            best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision)
+            best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision, self.dist)
         self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
         summary = {
             "model": self.spec.name,
@@ -412,13 +457,16 @@ class _Run:
             "wall_seconds_this_process": wall_seconds,
             "precision": self.precision,
             "batch_size": self.config.batch_size,
+            "world_size": self.dist.world_size,
+            "replica_parameter_sums": distributed.replica_checksums(self.dist, self.model),
             "device": device_record(self.device),
             "versions": versions(),
             "config": self.config.to_dict(),
         }
-        tmp = self.out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.out / "summary.json")
+        if self.dist.is_main:
+            tmp = self.out / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.out / "summary.json")
         return summary
 
 
@@ -473,22 +521,39 @@ def run_training(
     console: Console | None = None,
     stop: StopRequest | None = None,
 ) -> TrainResult:
-    """Train per `config` (from `resume`, a loaded checkpoint, if given) until done or stopped."""
-    console = Console(soft_wrap=True) if console is None else console
+    """Train per `config` (from `resume`, a loaded checkpoint, if given) until done or stopped.
+
+    Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel job: only rank 0
+    prints, logs and writes files."""
     stop = StopRequest() if stop is None else stop
+    dist = distributed.setup(resolve_device(config.device).type)
+    try:
+        console = Console(soft_wrap=True) if console is None else console
+        if not dist.is_main:
+            console = Console(quiet=True)
+        return _train(config, resume, resume_dir, console, stop, dist)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path | None, console: Console,
+           stop: StopRequest, dist: DistContext) -> TrainResult:
     wall_start = time.perf_counter()
     out = Path(config.out)
     check_out_dir(out, resuming=resume is not None)
-    run = _Run(config, console, resume)
-    make_out_dir(out)
-    if resume is not None:
-        _carry_metrics(resume_dir or out, out, run.progress.step)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    run = _Run(config, console, resume, dist)
+    if dist.is_main:
+        make_out_dir(out)
+        if resume is not None:
+            _carry_metrics(resume_dir or out, out, run.progress.step)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    distributed.barrier(dist)
     prog = run.progress
+    ranks = f" x {dist.world_size} ranks ({config.batch_size // dist.world_size} per rank)" if dist.active else ""
     console.print(
         f"training {run.spec.name} on {run.device} ({run.precision}): {len(run.train_data)} train / "
         f"{len(run.val_data)} val / {len(run.test_data)} test images, {run.total_steps} steps of "
-        f"{config.batch_size}; output in {out}"
+        f"{config.batch_size}{ranks}; output in {out}"
     )
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -1,0 +1,286 @@
+"""The FastAPI application of `vitdeploy serve`.
+
+Requests are decoded off the event loop (the one image conversion of
+`vitdeploy.images`), queued in the `Batcher` and answered from its batches. Every error
+is a JSON `{"error": ...}` with a 4xx/5xx status and no traceback; a bad image is
+refused before it is queued, so it never touches another request's batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vitdeploy.backends.factory import model_input, open_backend
+from vitdeploy.errors import VitDeployError
+from vitdeploy.images import decode_image
+from vitdeploy.manifest import read_manifest
+from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
+from vitdeploy.serve.config import ServeConfig
+from vitdeploy.serve.metrics import Metrics
+
+log = logging.getLogger("vitdeploy.serve")
+OPEN_PATHS = ("/healthz", "/readyz", "/")  # no API key needed: liveness, readiness, the static upload page
+RETRY_AFTER_S = "1"
+
+
+class ApiError(Exception):
+    """An HTTP error answered as JSON."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class BodyLimit:
+    """Refuses bodies over `limit` bytes with 413: by Content-Length before reading, and
+    while reading for bodies that do not declare their length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await JSONResponse({"error": self._message()}, 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise ApiError(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"request body larger than {self.limit:,} bytes"
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The application for `config`; the model is loaded and warmed up by its lifespan."""
+    manifest = read_manifest(config.artifacts)
+    config.check(manifest)
+    classes: list[str] = manifest["model"]["class_names"]
+    size: int = manifest["preprocessing"]["source_size"]
+    metrics = Metrics()
+    state: dict[str, Any] = {"ready": False, "batcher": None, "backend": None, "in_flight": 0}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        backend = open_backend(config.artifacts, manifest, config.backend, config.precision, threads=config.threads,
+                               checkpoint=config.checkpoint)
+        await asyncio.to_thread(backend.activate)
+
+        def infer(images: np.ndarray) -> np.ndarray:
+            return backend.infer(model_input(manifest, images, config.backend))
+
+        for n in sorted({1, config.max_batch}):  # warm-up: first-call allocations and kernel choices
+            await asyncio.to_thread(infer, np.zeros((n, 3, size, size), np.uint8))
+
+        def on_batch(stats: BatchStats) -> None:
+            metrics.batch_size.observe(stats.size)
+            metrics.inference.observe(stats.seconds)
+            metrics.images.inc(stats.size)
+
+        batcher = Batcher(infer, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
+        batcher.start()
+        state.update(ready=True, batcher=batcher, backend=backend)
+        log.info("ready: %s on %s %s", manifest["model"]["name"], config.backend, config.precision)
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await batcher.close()  # answers everything still queued
+            backend.deactivate()
+
+    app = FastAPI(title="vitdeploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse({"error": "internal server error"}, 500)
+
+    @app.middleware("http")
+    async def _guard_and_measure(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        path = request.url.path
+        if config.api_key and path not in OPEN_PATHS and not _authorized(request, config.api_key):
+            response: Response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"},
+                                              401, headers={"WWW-Authenticate": "Bearer"})
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "other"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @asynccontextmanager
+    async def admitted() -> AsyncIterator[None]:
+        """Admission control: at most `max_queue` prediction requests are read, decoded or queued at
+        once; beyond that a request is refused before its body is read, so memory stays bounded."""
+        if state["in_flight"] >= config.max_queue:
+            raise ApiError(503, f"server busy: {state['in_flight']} requests in progress (limit {config.max_queue}); "
+                                "retry later", {"Retry-After": RETRY_AFTER_S})
+        state["in_flight"] += 1
+        metrics.in_flight.set(state["in_flight"])
+        try:
+            yield
+        finally:
+            state["in_flight"] -= 1
+            metrics.in_flight.set(state["in_flight"])
+
+    async def predict_images(items: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
+        images = []
+        for name, data in items:
+            try:
+                images.append(await asyncio.to_thread(decode_image, data, size, name))
+            except VitDeployError as exc:
+                raise ApiError(400, str(exc)) from None
+        batcher: Batcher | None = state["batcher"]
+        if batcher is None or not state["ready"]:
+            raise ApiError(503, "the model is not loaded yet", {"Retry-After": RETRY_AFTER_S})
+        try:
+            futures = batcher.submit(images)
+        except QueueFull as exc:
+            raise ApiError(503, f"server busy: {exc}; retry later", {"Retry-After": RETRY_AFTER_S}) from None
+        finally:
+            metrics.queue_depth.set(batcher.depth)
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*futures), config.timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            for future in futures:
+                future.cancel()
+            raise ApiError(504, f"no answer within {config.timeout_s:g} s") from None
+        return [_predictions(row, classes, top_k) for row in rows]
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        """One image: raw bytes as the body, or a multipart part named `file`."""
+        top_k = _top_k(request, len(classes))
+        async with admitted():
+            items = await _read_images(request, config, multiple=False)
+            return {"model": manifest["model"]["name"], "predictions": (await predict_images(items, top_k))[0]}
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(request: Request) -> dict[str, Any]:
+        """Several images: multipart parts named `files` (or `file`), answered in order."""
+        top_k = _top_k(request, len(classes))
+        async with admitted():
+            items = await _read_images(request, config, multiple=True)
+            results = await predict_images(items, top_k)
+        return {"model": manifest["model"]["name"],
+                "results": [{"filename": name, "predictions": p} for (name, _), p in zip(items, results, strict=True)]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = state["ready"]
+        return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+    @app.get("/v1/model")
+    async def model_info() -> dict[str, Any]:
+        backend = state["backend"]
+        return {
+            "model": manifest["model"]["name"],
+            "class_names": classes,
+            "input": manifest["input"],
+            "preprocessing": manifest["preprocessing"],
+            "batch": manifest["batch"],
+            "artifacts": [{k: a[k] for k in ("kind", "precision", "path", "sha256")} for a in manifest["artifacts"]],
+            "backend": backend.describe() if backend is not None else None,
+            "serving": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue,
+                        "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s},
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if state["batcher"] is not None:
+            metrics.queue_depth.set(state["batcher"].depth)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return resources.files("vitdeploy.serve").joinpath("page.html").read_text()
+
+    return app
+
+
+def _authorized(request: Request, key: str) -> bool:
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _top_k(request: Request, num_classes: int) -> int:
+    raw = request.query_params.get("top_k", "5")
+    if not raw.isdigit() or not 1 <= int(raw) <= num_classes:
+        raise ApiError(400, f"top_k must be an integer from 1 to {num_classes} (got {raw!r})")
+    return int(raw)
+
+
+async def _read_images(request: Request, config: ServeConfig, multiple: bool) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the images in the request body."""
+    content_type = request.headers.get("content-type", "")
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        try:
+            form = await request.form(max_files=config.images_per_request, max_fields=16)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the multipart parser's own errors
+            raise ApiError(400, f"malformed multipart body: {exc}") from None
+        parts = form.getlist("file") + (form.getlist("files") if multiple else [])
+        files = [p for p in parts if isinstance(p, UploadFile)]
+        if not files:
+            raise ApiError(400, "the multipart body has no file part named " + ("'files' or 'file'" if multiple else "'file'"))
+        if not multiple and len(files) > 1:
+            raise ApiError(400, "send one image to /v1/predict; /v1/predict/batch takes several")
+        return [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+    if multiple:
+        raise ApiError(415, "/v1/predict/batch takes multipart/form-data with one 'files' part per image")
+    if kind and not kind.startswith("image/") and kind != "application/octet-stream":
+        raise ApiError(415, f"unsupported content type {kind!r}: send image bytes (image/png, image/jpeg, image/webp) "
+                            "or multipart/form-data with a 'file' part")
+    return [("body", await request.body())]
+
+
+def _predictions(logits: np.ndarray, classes: list[str], top_k: int) -> list[dict[str, Any]]:
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    probabilities = shifted / shifted.sum()
+    order = np.argsort(-probabilities)[:top_k]
+    return [{"label": classes[i], "class_index": int(i), "probability": float(probabilities[i])} for i in order]

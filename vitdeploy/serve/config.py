@@ -1,0 +1,51 @@
+"""The settings of `vitdeploy serve`, checked before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitdeploy.errors import VitDeployError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the server needs; `check` validates it against the artifact's manifest."""
+
+    artifacts: Path
+    backend: str = "ort-cpu"
+    precision: str = "fp32"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    max_body_bytes: int = 8 * 2**20
+    max_images_per_request: int = 64
+    timeout_s: float = 30.0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    threads: int | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def images_per_request(self) -> int:
+        """The most images one request may carry: a request larger than the queue could never be answered."""
+        return min(self.max_images_per_request, self.max_queue)
+
+    def check(self, manifest: dict[str, Any]) -> None:
+        lo, hi = manifest["batch"]["min"], manifest["batch"]["max"]
+        checks = [
+            (lo <= self.max_batch <= hi, f"--max-batch {self.max_batch} is outside the exported batch range {lo}..{hi}"),
+            (self.max_wait_ms >= 0, "--max-wait-ms must not be negative"),
+            (self.max_queue >= self.max_batch, f"--max-queue must be at least --max-batch ({self.max_batch})"),
+            (self.max_body_bytes >= 1024, "--max-body-mb is too small to hold an image"),
+            (self.max_images_per_request >= 1, "--max-images-per-request must be at least 1"),
+            (self.timeout_s > 0, "--timeout-s must be positive"),
+            (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
+            (self.api_key is None or len(self.api_key) >= 8, "the API key must have at least 8 characters"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VitDeployError(message)
