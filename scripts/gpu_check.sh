@@ -113,4 +113,21 @@ section bench_vit_b_16 180 bash -c "rm -rf $W/runs/b16 $W/art/b16 \
   && $PY -m vitdeploy export $W/runs/b16 --out $W/art/b16 --parity-images 64 --no-trt \
   && $PY -m vitdeploy bench $W/art/b16 --out '$RES/bench_vit_b_16' ${B16_BENCH[*]}"
 
+# Issue 6: data-parallel throughput when the machine has several GPUs (it usually has one: then the JSON says so).
+ddp_check() {
+  local n
+  n=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+  if [ "$n" -lt 2 ]; then
+    printf '{"gpus": %s, "ddp": "not measured: data-parallel training needs 2 or more GPUs"}\n' "$n" > "$RES/ddp.json"
+    return 0
+  fi
+  rm -rf "$W/runs/ddp"
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$n" -m vitdeploy train --model vit_b_16 --no-pretrained \
+    --device "$DEVICE" --data-dir "$DATA" --out "$W/runs/ddp" --epochs 1 --max-steps 40 --batch-size $((128 * n)) \
+    && cp "$W/runs/ddp/summary.json" "$RES/ddp.json"
+}
+export -f ddp_check
+export PY RES W DATA DEVICE
+section ddp 120 bash -c ddp_check
+
 echo "results in $OUT:"; ls -1 "$OUT"; tar -tvf "$OUT/results.tar"

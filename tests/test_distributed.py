@@ -100,7 +100,7 @@ def test_checkpoints_resume_on_another_number_of_ranks(runs: dict[int, Path], tm
                                                        trained_on: int, resumed_on: int) -> None:
     checkpoint = runs[trained_on] / "checkpoints" / "epoch-0001.pt"
     args = ["train", "--resume", str(checkpoint), "--out", str(tmp_path / "resumed"), "--data-dir", str(data)]
-    result = single(*args) if resumed_on == 1 else torchrun(*args)
+    result = single(*args) if resumed_on == 1 else single(*args, "--nproc-per-node", "2")  # the relaunch convenience
     assert result.returncode == 0, result.stderr
     assert_same_weights(runs[trained_on] / "last.pt", tmp_path / "resumed" / "last.pt")
 
@@ -168,3 +168,11 @@ def test_a_killed_rank_ends_the_job(data: Path, tmp_path: Path) -> None:
     procs[1].kill()
     code = procs[0].wait(timeout=90)
     assert code != 0 and time.time() - start < 60
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused_before_launch(data: Path, tmp_path: Path) -> None:
+    result = single("train", "--model", "vit_cifar_tiny", "--data-dir", str(data), "--out", str(tmp_path / "x"),
+                    "--batch-size", "15", "--nproc-per-node", "2", timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --batch-size 15 is global and must split evenly over 2 ranks x --grad-accum 1; choose a multiple of 2"]

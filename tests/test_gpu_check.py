@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_section(cifar_root: Path, tmp_path: Path) ->
     subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, check=True, timeout=900, capture_output=True)
     sections = {s["section"]: s for s in json.loads((out / "sections.json").read_text())["sections"]}
     assert set(sections) >= {"env", "gpu_tests", "train_throughput", "recipe_sweep", "cifar_small_run", "export_fp16",
-                             "bench_small", "train_throughput_compiled", "bench_vit_b_16"}
+                             "bench_small", "train_throughput_compiled", "bench_vit_b_16", "ddp"}
     assert all(s["status"] == "ok" for s in sections.values()), sections
     assert {p.name for p in out.iterdir()} <= {"sections.json", "sections.json.lock", "gpu_check.log", "results.tar"}
     results = tmp_path / "results"
@@ -36,6 +36,8 @@ def test_gpu_check_smoke_runs_every_section(cifar_root: Path, tmp_path: Path) ->
     assert run["model"] == "vit_cifar_small" and run["epochs"] == 1
     manifest = json.loads((results / "export_manifest.json").read_text())
     assert {(a["kind"], a["precision"]) for a in manifest["artifacts"]} == {("onnx", "fp32"), ("onnx", "fp16")}
+    assert json.loads((results / "ddp.json").read_text()) == {
+        "gpus": 0, "ddp": "not measured: data-parallel training needs 2 or more GPUs"}
     for name in ("bench_small", "bench_vit_b_16"):
         report = json.loads((results / name / "bench.json").read_text())
         assert {r["backend"] for r in report["records"]} == {"pytorch", "ort-cpu"}, name

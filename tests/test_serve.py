@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.conftest import REPO
@@ -254,3 +256,20 @@ def test_sigterm_drains_queued_requests(exported: Path, images: np.ndarray) -> N
         codes = [f.result().status_code for f in futures]
     assert codes == [200] * 6
     assert server.proc.wait(timeout=30) == 0
+
+
+def test_pytorch_backend_serves_a_training_checkpoint(trained: Path, images: np.ndarray, offline: np.ndarray) -> None:
+    app = create_app(ServeConfig(artifacts=trained, backend="pytorch", max_batch=8))
+    with TestClient(app) as c:
+        assert c.get("/v1/model").json()["backend"]["name"] == "pytorch"
+        response = c.post("/v1/predict?top_k=10", content=png(images[0]))
+        assert response.status_code == 200
+        np.testing.assert_allclose(probabilities(response.json()["predictions"]), offline[0], atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\x00\x00\x00\x00WEBP"]))
+def test_any_bytes_get_a_200_or_a_400(client: TestClient, data: bytes, prefix: bytes) -> None:
+    response = client.post("/v1/predict", content=prefix + data, headers={"content-type": "application/octet-stream"})
+    assert response.status_code in (200, 400), response.text
+    assert ("predictions" in response.json()) == (response.status_code == 200)

@@ -173,8 +173,6 @@ def train(
 
     Under `torchrun --nproc-per-node N -m vitdeploy train ...` it trains data-parallel
     (DistributedDataParallel: NCCL on GPUs, gloo on CPUs)."""
-    if nproc_per_node is not None:
-        _relaunch_with_torchrun(nproc_per_node)
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.models import DEFAULT_MODEL
     from vitdeploy.train import TrainConfig, run_dir_of, run_training
@@ -194,12 +192,20 @@ def train(
         run_dir = run_dir_of(resume)
         options["out"] = options["out"] or str(run_dir)
         config = TrainConfig.from_dict(checkpoint["config"]).resumed(options)
-        console.print(f"resuming {config.model} from {resume} at step {checkpoint['step']}")
-        result = run_training(config, resume=checkpoint, resume_dir=run_dir, console=console)
     else:
         name = options.pop("model") or DEFAULT_MODEL
         options["out"] = options["out"] or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = run_training(TrainConfig.from_options(name, **options), console=console)
+        config = TrainConfig.from_options(name, **options)
+    if nproc_per_node is not None:  # checked here, before any process starts
+        if config.batch_size % (nproc_per_node * config.grad_accum):
+            raise VitDeployError(f"--batch-size {config.batch_size} is global and must split evenly over {nproc_per_node} "
+                                 f"ranks x --grad-accum {config.grad_accum}; choose a multiple of {nproc_per_node * config.grad_accum}")
+        _relaunch_with_torchrun(nproc_per_node)
+    if resume is not None:
+        console.print(f"resuming {config.model} from {resume} at step {checkpoint['step']}")
+        result = run_training(config, resume=checkpoint, resume_dir=run_dir, console=console)
+    else:
+        result = run_training(config, console=console)
     if result.interrupted is not None:
         raise typer.Exit(128 + result.interrupted)
 
@@ -405,7 +411,7 @@ def predict(
 
 @app.command()
 def serve(
-    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
+    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export` (with --backend pytorch also a run folder or checkpoint).")],
     backend: Annotated[BackendName, typer.Option(help="Which runtime serves.")] = BackendName.ort_cpu,
     precision: Annotated[Precision, typer.Option(help="Which artifact (ONNX/TensorRT) or arithmetic (pytorch): fp32, fp16, bf16 (auto: fp32).")] = Precision.auto,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import decode_image
-from vitdeploy.manifest import read_manifest
+from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
 from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
 from vitdeploy.serve.config import ServeConfig
 from vitdeploy.serve.metrics import Metrics
@@ -77,9 +78,36 @@ class BodyLimit:
         return f"request body larger than {self.limit:,} bytes"
 
 
+CHECKPOINT_MAX_BATCH = 1024  # a checkpoint served by PyTorch has no exported batch range; this bounds --max-batch
+
+
+def model_description(config: ServeConfig) -> dict[str, Any]:
+    """The manifest of an artifact folder, or, for the pytorch backend, the same description
+    made from a training checkpoint (a run folder or a .pt file) without exporting it."""
+    folder = Path(config.artifacts)
+    if (folder / MANIFEST).is_file() or config.backend != "pytorch":
+        return read_manifest(folder)
+    from vitdeploy.checkpoint import load_checkpoint
+    from vitdeploy.export.artifacts import resolve_checkpoint
+    from vitdeploy.export.onnx_export import input_spec
+    from vitdeploy.preprocess import Preprocessing
+
+    path = resolve_checkpoint(folder)
+    checkpoint = load_checkpoint(path)
+    return {
+        "model": {"name": checkpoint["model_name"], "num_classes": len(checkpoint["class_names"]),
+                  "class_names": list(checkpoint["class_names"]),
+                  "source_checkpoint": {"path": str(path.resolve()), "sha256": sha256_file(path)}},
+        "preprocessing": checkpoint["preprocessing"],
+        "input": input_spec(Preprocessing.from_dict(checkpoint["preprocessing"]), True),
+        "batch": {"min": 1, "opt": 32, "max": CHECKPOINT_MAX_BATCH},
+        "artifacts": [],
+    }
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """The application for `config`; the model is loaded and warmed up by its lifespan."""
-    manifest = read_manifest(config.artifacts)
+    manifest = model_description(config)
     config.check(manifest)
     classes: list[str] = manifest["model"]["class_names"]
     size: int = manifest["preprocessing"]["source_size"]
