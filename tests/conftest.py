@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,13 @@ def shared_cifar() -> Path:
     if not (SHARED_CIFAR / "test_batch").is_file():
         pytest.skip(f"real CIFAR-10 test set not found at {SHARED_CIFAR}")
     return SHARED_CIFAR
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

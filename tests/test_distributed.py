@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import REPO, write_cifar
+from tests.conftest import REPO, free_port, write_cifar
 from vitdeploy.data import ImageSet
 from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess
@@ -27,12 +26,6 @@ from vitdeploy.train.loop import DeviceData, evaluate
 TRAIN = ["train", "--model", "vit_cifar_tiny", "--device", "cpu", "--epochs", "2", "--batch-size", "16",
          "--val-size", "41", "--subset", "137", "--log-every", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "VITDEPLOY_DIST_TIMEOUT_S": "30"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -384,6 +384,7 @@ def predict(
     from vitdeploy.backends.factory import model_input, open_backend
     from vitdeploy.images import load_image_file
     from vitdeploy.manifest import read_manifest
+    from vitdeploy.predictions import top_k as top_k_predictions
 
     manifest = read_manifest(artifacts)
     classes = manifest["model"]["class_names"]
@@ -394,13 +395,8 @@ def predict(
     chosen = "fp32" if precision is Precision.auto else precision.value
     with open_backend(artifacts, manifest, backend.value, chosen) as runner:
         logits = run_batches(runner, model_input(manifest, batch, backend.value), manifest["batch"]["max"])
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    results = []
-    for path, probs in zip(images, probabilities):
-        order = np.argsort(-probs)[:top_k]
-        results.append({"image": str(path), "predictions": [
-            {"label": classes[i], "class_index": int(i), "probability": float(probs[i])} for i in order]})
+    results = [{"image": str(path), "predictions": top_k_predictions(row, classes, top_k)}
+               for path, row in zip(images, logits, strict=True)]
     if as_json:
         print(json.dumps(results, indent=2))
         return

@@ -26,6 +26,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vitdeploy.backends.factory import model_input, open_backend
+from vitdeploy import predictions
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import decode_image
 from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
@@ -209,7 +210,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             for future in futures:
                 future.cancel()
             raise ApiError(504, f"no answer within {config.timeout_s:g} s") from None
-        return [_predictions(row, classes, top_k) for row in rows]
+        return [predictions.top_k(row, classes, top_k) for row in rows]
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
@@ -305,10 +306,3 @@ async def _read_images(request: Request, config: ServeConfig, multiple: bool) ->
         raise ApiError(415, f"unsupported content type {kind!r}: send image bytes (image/png, image/jpeg, image/webp) "
                             "or multipart/form-data with a 'file' part")
     return [("body", await request.body())]
-
-
-def _predictions(logits: np.ndarray, classes: list[str], top_k: int) -> list[dict[str, Any]]:
-    shifted = np.exp(logits.astype(np.float64) - logits.max())
-    probabilities = shifted / shifted.sum()
-    order = np.argsort(-probabilities)[:top_k]
-    return [{"label": classes[i], "class_index": int(i), "probability": float(probabilities[i])} for i in order]

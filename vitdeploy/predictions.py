@@ -1,0 +1,15 @@
+"""Logits -> the top-k answer every consumer gives (`vitdeploy predict`, `vitdeploy serve`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def top_k(logits: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The `k` most probable classes of one image's logits (softmax in float64), most probable first."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    probabilities = shifted / shifted.sum()
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"label": classes[i], "class_index": int(i), "probability": float(probabilities[i])} for i in order]
