@@ -266,3 +266,23 @@ def test_any_bytes_get_a_200_or_a_400(client: TestClient, data: bytes, prefix: b
     response = client.post("/v1/predict", content=prefix + data, headers={"content-type": "application/octet-stream"})
     assert response.status_code in (200, 400), response.text
     assert ("predictions" in response.json()) == (response.status_code == 200)
+
+
+def test_a_failing_backend_gives_500_without_internals_and_the_server_goes_on(exported: Path, images: np.ndarray,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(ServeConfig(artifacts=exported, max_batch=4))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        original = OrtBackend.infer
+        calls = {"n": 0}
+
+        def flaky(self: OrtBackend, batch: np.ndarray) -> np.ndarray:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("secret internal detail")
+            return original(self, batch)
+
+        monkeypatch.setattr(OrtBackend, "infer", flaky)
+        failed = c.post("/v1/predict", content=png(images[0]))
+        assert failed.status_code == 500 and failed.json() == {"error": "internal server error"}
+        assert "secret" not in failed.text
+        assert c.post("/v1/predict", content=png(images[0])).status_code == 200
