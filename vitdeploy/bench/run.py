@@ -175,11 +175,11 @@ def run_bench(options: BenchOptions, say: Say = print,
     say(f"accuracy and parity on {n} CIFAR-10 test images from {data_dir}; timing batch sizes "
         f"{', '.join(map(str, batch_sizes))}")
 
-    def open_(name: str, precision: str) -> Backend:
-        return open_backend(options.artifacts, manifest, name, precision, threads=options.threads,
-                            compile=options.compile and name == "pytorch", checkpoint=options.checkpoint)
+    def open_(name: str, precision: str, compile: bool) -> Backend:
+        return open_backend(options.artifacts, manifest, name, precision, threads=options.threads, compile=compile,
+                            checkpoint=options.checkpoint)
 
-    with open_("pytorch", "fp32") as reference:
+    with open_("pytorch", "fp32", compile=False) as reference:  # the reference is always eager fp32
         ref_logits = run_batches(reference, images, eval_batch)
 
     records: list[dict[str, Any]] = []
@@ -206,7 +206,7 @@ def run_bench(options: BenchOptions, say: Say = print,
         "passed": True,
     }
     for name, precision in runs:
-        with open_(name, precision) as backend:
+        with open_(name, precision, compile=options.compile and name == "pytorch") as backend:
             described = backend.describe()
             if (name, precision) == ("pytorch", "fp32") and not options.compile:
                 logits = ref_logits  # it is the reference
