@@ -26,7 +26,7 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then  # the same sections with tiny work, on the CPU
   DEVICE=cpu; TP_ARGS=(--model vit_cifar_tiny --batch-size 8 --steps 2 --warmup-steps 1); TPC_ARGS=("${TP_ARGS[@]}")
   RUN_ARGS=(--epochs 1 --subset 64 --val-size 40 --batch-size 16); PARITY_IMAGES=20
-  SWEEP_ARGS=(--subset 300 --only recipe crop0)
+  SWEEP_ARGS=(--subset 300 --only recipe crop4)
   BENCH_ARGS=(--limit 20 --batch-sizes 1,4 --min-iters 2 --max-seconds 0.5)
   B16_MODEL=vit_cifar_tiny; B16_TRAIN=(--subset 64 --val-size 40 --batch-size 16); B16_BENCH=("${BENCH_ARGS[@]}")
   [ -d "$DATA" ] || DATA=${GPU_CHECK_DATA:?set GPU_CHECK_DATA to a folder with cifar-10-batches-py}

@@ -26,7 +26,7 @@ CANDIDATES = {
     "b64_lr3e-4": {"batch_size": 64, "lr": 3e-4},
     "b32_lr3e-4": {"batch_size": 32, "lr": 3e-4},
     "ls0": {"label_smoothing": 0.0},
-    "crop0": {"crop_padding": 0},
+    "crop4": {"crop_padding": 4},  # the default of runs under 10 epochs is no crops
     "lr1e-3_wd0_clip0": {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0},
     "lr1e-3_wu0.15": {"lr": 1e-3, "warmup_frac": 0.15},
 }

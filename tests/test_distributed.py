@@ -24,7 +24,7 @@ from vitdeploy.train import distributed
 from vitdeploy.train.loop import DeviceData, evaluate
 
 TRAIN = ["train", "--model", "vit_cifar_tiny", "--device", "cpu", "--epochs", "2", "--batch-size", "16",
-         "--val-size", "41", "--subset", "137", "--log-every", "1"]
+         "--val-size", "41", "--subset", "137", "--log-every", "1", "--crop-padding", "4"]  # augmentation on
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "VITDEPLOY_DIST_TIMEOUT_S": "30"}
 
 

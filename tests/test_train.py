@@ -21,7 +21,7 @@ from vitdeploy.train import StopRequest, TrainConfig, run_training
 
 def config(cifar_root: Path, out: Path, **overrides) -> TrainConfig:
     base = dict(data_dir=str(cifar_root), out=str(out), epochs=2, batch_size=16, lr=1e-3, val_size=40,
-                log_every=1, device="cpu", keep_checkpoints=0)
+                log_every=1, device="cpu", keep_checkpoints=0, crop_padding=4)  # crops on: resume must replay them
     return TrainConfig.from_options("vit_cifar_tiny", **{**base, **overrides})
 
 
@@ -131,7 +131,7 @@ def test_grad_accum_keeps_the_global_batch(cifar_root: Path, tmp_path: Path) -> 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vitdeploy", "train", "--model", "vit_cifar_tiny", "--device", "cpu",
-            "--epochs", "2", "--batch-size", "16", "--val-size", "40", "--log-every", "1", *args]
+            "--epochs", "2", "--batch-size", "16", "--val-size", "40", "--log-every", "1", "--crop-padding", "4", *args]
 
 
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(cifar_root: Path, tmp_path: Path) -> None:
@@ -158,3 +158,15 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(cifar_root: Path, t
     assert resumed.returncode == 0, resumed.stderr
     assert_same_losses(step_losses(ref), step_losses(run))
     assert json.loads((ref / "summary.json").read_text())["final_test_acc"] == json.loads((run / "summary.json").read_text())["final_test_acc"]
+
+
+def test_random_crops_default_on_only_for_long_runs(cifar_root: Path, tmp_path: Path) -> None:
+    assert TrainConfig.from_options("vit_cifar_tiny", epochs=2).crop_padding == 0
+    assert TrainConfig.from_options("vit_cifar_tiny", epochs=10).crop_padding == 4
+    assert TrainConfig.from_options("vit_cifar_tiny").crop_padding == 4  # the recipe's 100 epochs
+    assert TrainConfig.from_options("vit_cifar_tiny", epochs=2, crop_padding=2).crop_padding == 2
+    with pytest.raises(VitDeployError, match="--crop-padding must not be negative"):
+        TrainConfig.from_options("vit_cifar_tiny", crop_padding=-1)
+    saved = TrainConfig.from_options("vit_cifar_tiny", epochs=2)
+    with pytest.raises(VitDeployError, match="trained with --crop-padding 0, not 4"):
+        saved.resumed({"crop_padding": 4})
