@@ -129,3 +129,16 @@ def test_bad_artifact_folders_are_refused(exported: Path, tmp_path: Path) -> Non
     (damaged / "model_fp16.onnx").unlink()
     with pytest.raises(VitDeployError, match="model_fp16.onnx listed in the manifest is missing|no longer matches"):
         run_bench(BenchOptions(artifacts=damaged))
+
+
+def test_float_input_artifacts_are_fed_through_host_preprocessing(trained: Path, cifar_root: Path, tmp_path: Path) -> None:
+    from vitdeploy.export.artifacts import ExportOptions, export_artifacts
+
+    export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", preprocess_in_graph=False, max_batch=8,
+                                   data_dir=cifar_root), say=lambda _line: None)
+    options = BenchOptions(artifacts=tmp_path / "art", backends=("ort-cpu",), batch_sizes=(2,), data_dir=cifar_root,
+                           policy=TimingPolicy(warmup=0, min_iters=2, min_seconds=0, max_seconds=1))
+    report = run_bench(options, say=lambda _line: None)
+    assert report["input"]["preprocessing_in_graph"] is False and report["input"]["dtype"] == "float32"
+    assert report["parity"][0]["passed"] and report["parity"][0]["max_abs_logit_diff"] < 1e-4
+    assert report["records"][0]["mode"] == "end-to-end" and report["records"][0]["iterations"] >= 2

@@ -198,9 +198,7 @@ def train(
         options["out"] = options["out"] or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         config = TrainConfig.from_options(name, **options)
     if nproc_per_node is not None:  # checked here, before any process starts
-        if config.batch_size % (nproc_per_node * config.grad_accum):
-            raise VitDeployError(f"--batch-size {config.batch_size} is global and must split evenly over {nproc_per_node} "
-                                 f"ranks x --grad-accum {config.grad_accum}; choose a multiple of {nproc_per_node * config.grad_accum}")
+        config.check_ranks(nproc_per_node)
         _relaunch_with_torchrun(nproc_per_node)
     if resume is not None:
         console.print(f"resuming {config.model} from {resume} at step {checkpoint['step']}")

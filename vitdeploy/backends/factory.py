@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,10 @@ def model_input(manifest: dict[str, Any], images: np.ndarray, backend: str) -> n
     (and always for pytorch, which preprocesses itself), else preprocessed to float32."""
     if backend == "pytorch" or manifest["input"]["preprocessing_in_graph"]:
         return images
-    preprocess = Preprocess(Preprocessing.from_dict(manifest["preprocessing"]))
     with torch.no_grad():
-        return preprocess(torch.from_numpy(images)).numpy()
+        return _host_preprocess(Preprocessing.from_dict(manifest["preprocessing"]))(torch.from_numpy(images)).numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _host_preprocess(preprocessing: Preprocessing) -> Preprocess:
+    return Preprocess(preprocessing)

@@ -78,6 +78,14 @@ class TrainConfig:
         if self.pretrained and not spec.pretrained:
             raise VitDeployError(f"{self.model} has no pretrained weights; drop --pretrained or pass --weights FILE")
 
+    def check_ranks(self, world_size: int) -> None:
+        """The global batch must split evenly over the ranks and their micro-batches."""
+        if self.batch_size % (world_size * self.grad_accum):
+            raise VitDeployError(
+                f"--batch-size {self.batch_size} is global and must split evenly over {world_size} ranks x "
+                f"--grad-accum {self.grad_accum}; choose a multiple of {world_size * self.grad_accum}"
+            )
+
     @classmethod
     def from_options(cls, model: str, **options: Any) -> TrainConfig:
         """A config from CLI options; options left as None take the model's recipe or the default."""

@@ -211,11 +211,7 @@ class _Run:
         self.device = resolve_device(config.device)
         if dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
-        if config.batch_size % (dist.world_size * config.grad_accum):
-            raise VitDeployError(
-                f"--batch-size {config.batch_size} is global and must split evenly over {dist.world_size} ranks x "
-                f"--grad-accum {config.grad_accum}; choose a multiple of {dist.world_size * config.grad_accum}"
-            )
+        config.check_ranks(dist.world_size)
         self.local_batch = config.batch_size // dist.world_size
         self.precision = choose_precision(self.device, config.precision)
         self.preprocessing: Preprocessing = self.spec.preprocessing()
