@@ -56,6 +56,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} has checkpoint format {data.get('format_version')}, this vitdeploy reads {FORMAT_VERSION}; "
             "use the vitdeploy version that wrote it"
         )
+    expected = {"model_name": str, "model": dict, "class_names": list, "preprocessing": dict, "config": dict}
+    wrong = [key for key, kind in expected.items() if not isinstance(data.get(key), kind)]
+    names = data.get("class_names")
+    if not wrong and not (1 <= len(names) <= 100_000 and all(isinstance(n, str) for n in names)):
+        wrong = ["class_names"]
+    if wrong:
+        raise VitDeployError(f"{path} is a damaged vitdeploy checkpoint ({', '.join(wrong)} missing or malformed); "
+                             "use another checkpoint of the run (checkpoints/epoch-*.pt) or train again")
     return data
 
 

@@ -13,7 +13,7 @@ import time
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -22,6 +22,10 @@ from rich.table import Table
 
 from vitdeploy import __version__
 from vitdeploy.errors import VitDeployError
+from vitdeploy.files import check_output_dir, describe_os_error
+
+if TYPE_CHECKING:
+    from vitdeploy.train import TrainConfig
 
 app = typer.Typer(
     name="vitdeploy",
@@ -176,7 +180,7 @@ def train(
     (DistributedDataParallel: NCCL on GPUs, gloo on CPUs)."""
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.models import DEFAULT_MODEL
-    from vitdeploy.train import TrainConfig, run_dir_of, run_training
+    from vitdeploy.train import TrainConfig, run_dir_of, run_training, unfinished_run
 
     options = {
         "model": model, "data_dir": _str(data_dir), "download": download, "out": _str(out), "epochs": epochs,
@@ -188,12 +192,18 @@ def train(
         "weights": _str(weights), "log_every": log_every, "keep_checkpoints": keep_checkpoints,
         "eval_batch_size": eval_batch_size,
     }
+    config = None
+    if resume is not None and unfinished_run(resume):  # stopped before its first checkpoint: nothing to continue
+        console.print(f"{resume} was stopped before its first checkpoint: starting that run over with its settings")
+        options["out"] = options["out"] or str(resume)
+        config = _saved_config(resume / "config.json").resumed(options)
+        resume = None
     if resume is not None:
         checkpoint = load_checkpoint(resume)
         run_dir = run_dir_of(resume)
         options["out"] = options["out"] or str(run_dir)
         config = TrainConfig.from_dict(checkpoint["config"]).resumed(options)
-    else:
+    elif config is None:
         name = options.pop("model") or DEFAULT_MODEL
         options["out"] = options["out"] or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         config = TrainConfig.from_options(name, **options)
@@ -207,6 +217,16 @@ def train(
         result = run_training(config, console=console)
     if result.interrupted is not None:
         raise typer.Exit(128 + result.interrupted)
+
+
+def _saved_config(path: Path) -> TrainConfig:
+    """The TrainConfig a run folder's config.json records."""
+    from vitdeploy.train import TrainConfig
+
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise VitDeployError(f"{path} is damaged ({type(exc).__name__}); start a new run with --out and the options you want") from None
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -339,6 +359,7 @@ def bench(
         max_accuracy_drop=max_accuracy_drop,
     )
     folder = out or artifacts
+    check_output_dir(folder, "--out" if out else "--out (default: the artifact folder)")  # before the long parity run
     report = run_bench(options, say=lambda line: console.print(escape(line)),
                        progress=lambda partial: write_reports(partial, folder, plot=False))
     paths = write_reports(report, folder)
@@ -416,7 +437,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Most prediction requests in progress and images queued; beyond it requests get 503 with Retry-After.")] = 256,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (413 beyond).")] = 8.0,
     max_images_per_request: Annotated[int, typer.Option(help="Most images in one /v1/predict/batch request.")] = 64,
-    timeout_s: Annotated[float, typer.Option(help="Per-request deadline, seconds (504 beyond).")] = 30.0,
+    timeout_s: Annotated[float, typer.Option(help="Deadline for answering a request once it has arrived, seconds (504 beyond).")] = 30.0,
+    read_timeout_s: Annotated[float, typer.Option(help="Deadline for a request to arrive whole, headers and body, seconds (408 and the connection closed beyond).")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="Most open connections; beyond it new requests get 503. Memory for bodies being read is at most this x --max-body-mb.")] = 512,
     api_key: Annotated[Optional[str], typer.Option(envvar="VITDEPLOY_API_KEY", help="Require this key (Authorization: Bearer KEY or X-API-Key) on every endpoint but /healthz, /readyz and the upload page.")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeat for several). [default: CORS off]")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
@@ -428,6 +451,7 @@ def serve(
         import uvicorn
 
         from vitdeploy.serve.app import create_app
+        from vitdeploy.serve.protocol import protocol_with_deadline
     except ImportError as exc:
         raise VitDeployError(f"serving needs the serve extra ({exc.name} is missing): pip install 'vitdeploy[serve]'") from exc
     from vitdeploy.serve.config import ServeConfig
@@ -436,6 +460,7 @@ def serve(
         artifacts=artifacts, backend=backend.value, precision="fp32" if precision is Precision.auto else precision.value,
         host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
         max_body_bytes=int(max_body_mb * 2**20), max_images_per_request=max_images_per_request, timeout_s=timeout_s,
+        read_timeout_s=read_timeout_s, max_connections=max_connections,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), threads=threads,
         checkpoint=checkpoint,
     )
@@ -446,7 +471,8 @@ def serve(
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: a no-op one makes
     # a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(timeout_s) + 5)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, http=protocol_with_deadline(config.read_timeout_s),
+                limit_concurrency=config.max_connections, timeout_graceful_shutdown=config.shutdown_timeout_s)
 
 
 def _str(path: Optional[Path]) -> Optional[str]:
@@ -457,8 +483,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: domain errors become one line and exit code 1."""
     try:
         app(args=argv, prog_name="vitdeploy")
-    except VitDeployError as exc:
+    except (VitDeployError, OSError) as exc:
+        # OSError: a full disk, a read-only or vanished folder, met while writing results
         if _state["debug"]:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc if isinstance(exc, VitDeployError) else describe_os_error(exc)}", file=sys.stderr)
         sys.exit(1)

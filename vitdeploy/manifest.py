@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy.files import atomic_write_text, inside
 
 MANIFEST = "manifest.json"
 FORMAT = "vitdeploy-manifest"
@@ -35,45 +36,171 @@ def file_record(folder: Path, name: str) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write manifest.json atomically (temporary file, fsync, rename)."""
+    """Write manifest.json atomically (temporary file, fsync, rename), after checking it
+    against the schema readers apply."""
+    validate_manifest(manifest)
     path = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n", durable=True)
     return path
 
 
 def read_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of an artifact folder; with `verify`, every listed file must match its sha256."""
+    """The validated manifest of an artifact folder; with `verify`, every listed file must
+    lie inside the folder and match its size and sha256."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise VitDeployError(f"{folder} has no {MANIFEST}; pass a folder written by `vitdeploy export`")
+    fix = "re-run `vitdeploy export`"
     try:
-        manifest = json.loads(path.read_text())
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise VitDeployError(f"{path} is larger than {MAX_MANIFEST_BYTES:,} bytes, far more than a manifest; {fix}")
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise VitDeployError(f"{path} is not a text file; {fix}") from None
     except json.JSONDecodeError as exc:
-        raise VitDeployError(f"{path} is not valid JSON ({exc}); re-run `vitdeploy export`") from exc
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise VitDeployError(f"{path} is not a vitdeploy manifest of format {FORMAT_VERSION}; re-run `vitdeploy export`")
-    if verify:
-        for artifact in manifest["artifacts"]:
-            for record in [artifact, *artifact.get("external_data", [])]:
-                verify_file(folder, record)
+        raise VitDeployError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except RecursionError:
+        raise VitDeployError(f"{path} is nested too deeply to be a manifest; {fix}") from None
+    except OSError as exc:
+        raise VitDeployError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+    try:
+        validate_manifest(manifest)
+    except VitDeployError as exc:
+        raise VitDeployError(f"{path}: {exc}; {fix}") from None
+    for artifact in manifest["artifacts"]:
+        for record in [artifact, *artifact.get("external_data", [])]:
+            target = inside(folder, record["path"], "model file")
+            if verify:
+                verify_file(target, record)
     return manifest
 
 
-def verify_file(folder: Path, record: dict[str, Any]) -> None:
+def verify_file(path: Path, record: dict[str, Any]) -> None:
     """The file exists with the recorded size and sha256, or a clear error."""
-    path = folder / record["path"]
     if not path.is_file():
-        raise VitDeployError(f"{path} listed in the manifest is missing; re-run `vitdeploy export`")
+        raise VitDeployError(f"{record['path']} listed in the manifest is missing; re-run `vitdeploy export`")
     if path.stat().st_size != record["size_bytes"] or sha256_file(path) != record["sha256"]:
-        raise VitDeployError(f"{path} no longer matches the sha256 in the manifest (changed or damaged); re-run `vitdeploy export`")
+        raise VitDeployError(f"{record['path']} no longer matches the sha256 in the manifest (changed or damaged); "
+                             "re-run `vitdeploy export`")
 
+
+def artifact_path(folder: Path, artifact: dict[str, Any]) -> Path:
+    """Where an artifact's file is, confined to the artifact folder."""
+    return inside(folder, artifact["path"], "model file")
+
+
+# -- schema --------------------------------------------------------------------------------
+
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_BATCH = 4096  # above every batch range vitdeploy exports; bounds what a manifest may make us allocate
+MAX_CLASSES = 100_000
+KINDS = ("onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DTYPES = ("uint8", "float32", "float16")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _field(record: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(record, dict):
+        raise VitDeployError(f"{where} must be an object")
+    if key not in record:
+        raise VitDeployError(f"{where} lacks {key!r}")
+    value = record[key]
+    # bool is an int in Python; a manifest's counts and sizes never are booleans
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise VitDeployError(f"{where}.{key} must be {names}, not {type(value).__name__}")
+    return value
+
+
+def _int(record: Any, key: str, lo: int, hi: int, where: str) -> int:
+    value = _field(record, key, int, where)
+    if not lo <= value <= hi:
+        raise VitDeployError(f"{where}.{key} = {value} is outside {lo}..{hi}")
+    return value
+
+
+def _choice(record: Any, key: str, choices: tuple[str, ...], where: str) -> str:
+    value = _field(record, key, str, where)
+    if value not in choices:
+        raise VitDeployError(f"{where}.{key} = {value[:50]!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _file(record: Any, where: str) -> None:
+    _field(record, "path", str, where)
+    _int(record, "size_bytes", 0, 1 << 50, where)
+    if not _SHA256.fullmatch(_field(record, "sha256", str, where)):
+        raise VitDeployError(f"{where}.sha256 is not a sha256 hex digest")
+
+
+def _tensor(record: Any, where: str, side: int) -> None:
+    _field(record, "name", str, where)
+    _choice(record, "dtype", DTYPES, where)
+    shape = _field(record, "shape", list, where)
+    if not shape or shape[0] != "batch" or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= max(side, MAX_CLASSES)
+                                                    for d in shape[1:]):
+        raise VitDeployError(f"{where}.shape must be ['batch', positive sizes...]")
+
+
+def validate_manifest(manifest: Any) -> None:
+    """Check everything readers of a manifest rely on: types, ranges, relations.
+
+    The one check of a manifest (predict, bench, serve, the Triton repository and export
+    itself): every number that sizes an allocation is range-checked here, so a hostile or
+    damaged manifest is refused with one line instead of exhausting memory or crashing.
+    """
+    from vitdeploy.preprocess import MAX_SIDE, Preprocessing
+
+    if not isinstance(manifest, dict):
+        raise VitDeployError(f"a manifest is a JSON object, not {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise VitDeployError(f"not a vitdeploy manifest of format {FORMAT_VERSION}")
+    model = _field(manifest, "model", dict, "manifest")
+    _field(model, "name", str, "model")
+    num_classes = _int(model, "num_classes", 1, MAX_CLASSES, "model")
+    names = _field(model, "class_names", list, "model")
+    if len(names) != num_classes or not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names):
+        raise VitDeployError(f"model.class_names must be {num_classes} names of 1..200 characters")
+    source = _field(model, "source_checkpoint", dict, "model")
+    _field(source, "path", str, "model.source_checkpoint")
+    if not _SHA256.fullmatch(_field(source, "sha256", str, "model.source_checkpoint")):
+        raise VitDeployError("model.source_checkpoint.sha256 is not a sha256 hex digest")
+    preprocessing = _field(manifest, "preprocessing", dict, "manifest")
+    _int(preprocessing, "source_size", 2, MAX_SIDE, "preprocessing")
+    _int(preprocessing, "input_size", 2, MAX_SIDE, "preprocessing")
+    Preprocessing.from_dict(preprocessing)  # the relations between the numbers
+    contract = _field(manifest, "input", dict, "manifest")
+    _tensor(contract, "input", MAX_SIDE)
+    _field(contract, "preprocessing_in_graph", bool, "input")
+    _tensor(_field(manifest, "output", dict, "manifest"), "output", MAX_SIDE)
+    batch = _field(manifest, "batch", dict, "manifest")
+    lo = _int(batch, "min", 1, MAX_BATCH, "batch")
+    hi = _int(batch, "max", lo, MAX_BATCH, "batch")
+    _int(batch, "opt", lo, hi, "batch")
+    artifacts = _field(manifest, "artifacts", list, "manifest")
+    if len(artifacts) > 64:
+        raise VitDeployError("manifest lists more than 64 artifacts")
+    for i, artifact in enumerate(artifacts):
+        where = f"artifacts[{i}]"
+        _choice(artifact, "kind", KINDS, where)
+        _choice(artifact, "precision", PRECISIONS, where)
+        _file(artifact, where)
+        external = artifact.get("external_data", [])
+        if not isinstance(external, list) or len(external) > 16:
+            raise VitDeployError(f"{where}.external_data must be a list of at most 16 files")
+        for j, record in enumerate(external):
+            _file(record, f"{where}.external_data[{j}]")
+        _choice(artifact, "status", ("passed", "failed"), where)
+        if artifact["kind"] == "tensorrt":
+            _field(artifact, "tensorrt_version", str, where)
+            _field(artifact, "compute_capability", str, where)
+            _field(artifact, "gpu", str, where)
+            profile = _field(artifact, "profile", dict, where)
+            p_lo = _int(profile, "min", 1, MAX_BATCH, f"{where}.profile")
+            p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profile")
+            _int(profile, "opt", p_lo, p_hi, f"{where}.profile")
 
 def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None) -> dict[str, Any] | None:
     """The first artifact of `kind` ('onnx', 'tensorrt'), of `precision` when given."""

@@ -238,3 +238,26 @@ def load_weights_file(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Lo
             )
         data = data["model"]
     return apply_state_dict(model, data, spec, str(path))
+
+
+def load_exact_state(model: torch.nn.Module, state: Any, spec: ModelSpec, source: str) -> None:
+    """Load a full state dict (a checkpoint's own weights: every key and shape must match)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitDeployError(f"{source} holds no state dict of tensors; pass a checkpoint written by `vitdeploy train`")
+    own = model.state_dict()
+    problems = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    problems += [f"unexpected {k}" for k in state if k not in own] + [f"missing {k}" for k in own if k not in state]
+    if problems:
+        raise VitDeployError(
+            f"{source} says it holds {spec.name}, but its weights do not fit "
+            f"({len(problems)} problems, e.g. {problems[0]}); the file is damaged or was edited: use the checkpoint its run wrote"
+        )
+    model.load_state_dict(state)
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> tuple[ModelSpec, VisionTransformer]:
+    """The registry spec and the model with the weights of a loaded vitdeploy checkpoint."""
+    spec = get_spec(checkpoint["model_name"])
+    model = build_model(spec, len(checkpoint["class_names"]))
+    load_exact_state(model, checkpoint["model"], spec, source)
+    return spec, model

@@ -10,6 +10,7 @@ resumable mid-epoch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from vitdeploy.errors import VitDeployError
 
 RESIZE_MODES = ("bilinear", "bicubic", "nearest")
+MAX_SIDE = 1024  # the largest image side any registry model takes (224 px), with room; bounds every allocation sized by it
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,12 +43,16 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     def __post_init__(self) -> None:
+        if not 2 <= self.source_size <= MAX_SIDE or not 2 <= self.input_size <= MAX_SIDE:
+            raise VitDeployError(f"preprocessing sizes must lie in 2..{MAX_SIDE} px (got source {self.source_size}, "
+                                 f"input {self.input_size})")
         if self.resize_mode not in RESIZE_MODES:
             raise VitDeployError(f"unknown resize mode {self.resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
         if self.input_size < self.source_size:
             raise VitDeployError("preprocessing only enlarges images: input_size must be >= source_size")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise VitDeployError("preprocessing needs 3 means and 3 positive standard deviations")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in (*self.mean, *self.std)) \
+                or min(self.std) <= 0:
+            raise VitDeployError("preprocessing needs 3 finite means and 3 positive standard deviations")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints stay loadable with weights_only=True."""
@@ -65,8 +71,8 @@ class Preprocessing:
                 mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise VitDeployError(f"invalid preprocessing record {data!r}: {exc}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise VitDeployError(f"invalid preprocessing record {str(data)[:200]}: {exc}") from exc
 
 
 class Preprocess(nn.Module):

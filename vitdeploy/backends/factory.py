@@ -11,7 +11,7 @@ import torch
 
 from vitdeploy.backends.base import Backend
 from vitdeploy.errors import VitDeployError
-from vitdeploy.manifest import find_artifact, sha256_file
+from vitdeploy.manifest import artifact_path, find_artifact, sha256_file
 from vitdeploy.preprocess import Preprocess, Preprocessing
 
 BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "trt")
@@ -38,32 +38,39 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
     if name == "trt":
         from vitdeploy.backends.trt import TrtBackend
 
-        return TrtBackend(folder / artifact["path"], artifact)
+        return TrtBackend(artifact_path(folder, artifact), artifact)
     from vitdeploy.backends.ort import OrtBackend
 
-    return OrtBackend(folder / artifact["path"], name.split("-")[1], threads=threads, precision=precision,
+    return OrtBackend(artifact_path(folder, artifact), name.split("-")[1], threads=threads, precision=precision,
                       max_batch=manifest["batch"]["max"])
 
 
 def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, compile: bool, checkpoint: Path | None) -> Backend:
     from vitdeploy.backends.pytorch import TorchBackend
     from vitdeploy.checkpoint import load_checkpoint
-    from vitdeploy.models import build_model, get_spec
+    from vitdeploy.models import model_from_checkpoint
 
     source = manifest["model"]["source_checkpoint"]
     path = Path(checkpoint or source["path"])
-    if not path.is_file() or sha256_file(path) != source["sha256"]:
+    if not _same_file(path, source["sha256"]):
         raise VitDeployError(f"the pytorch backend needs the checkpoint the artifacts came from, {path}, unchanged; "
-                             "it is missing or differs (pass its new place with --checkpoint)")
+                             "it is missing, unreadable or differs (pass its new place with --checkpoint)")
     state = load_checkpoint(path)
-    model = build_model(get_spec(state["model_name"]), len(state["class_names"]))
-    model.load_state_dict(state["model"])
+    _spec, model = model_from_checkpoint(state, str(path))
     device = "cuda" if precision != "fp32" or torch.cuda.is_available() else "cpu"
     if precision != "fp32" and not torch.cuda.is_available():
         raise VitDeployError(f"the pytorch backend in {precision} needs a CUDA GPU; use --precision fp32 here")
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision, compile)
+
+
+def _same_file(path: Path, sha256: str) -> bool:
+    """`path` is a readable file with this sha256 (one answer for missing, unreadable and different)."""
+    try:
+        return path.is_file() and sha256_file(path) == sha256
+    except OSError:
+        return False
 
 
 def model_input(manifest: dict[str, Any], images: np.ndarray, backend: str) -> np.ndarray:

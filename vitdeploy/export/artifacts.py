@@ -1,17 +1,22 @@
 """`vitdeploy export`: checkpoint -> verified ONNX (fp32, optionally fp16), TensorRT
 engine, Triton repository and manifest.json.
 
-Everything is written into a staging folder inside the output folder and moved into
-place at the end; manifest.json is written last, so an interrupted or failed export
-never leaves a manifest that points to a partial file.
+Everything is written into a staging folder beside the output folder, manifest.json
+last, and the finished export replaces the folder's previous content in one step at the
+end: an interrupted or failed export (even with --force) leaves the previous export as it
+was, and never a manifest that points to a partial file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
+import glob
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +33,9 @@ from vitdeploy.checkpoint import load_checkpoint
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, parity, tensorrt, triton
-from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, write_manifest
-from vitdeploy.models import build_model, get_spec
+from vitdeploy.files import check_output_dir
+from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, validate_manifest, write_manifest
+from vitdeploy.models import model_from_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.versions import backend_statuses, versions
 
@@ -83,42 +89,121 @@ def resolve_checkpoint(source: Path) -> Path:
     return source
 
 
+STAGING_TAG = ".vitdeploy-staging-"
+
+
 def prepare_out(out: Path, force: bool) -> Path:
-    """The output folder, refused if it holds other files (unless --force); returns a fresh staging folder."""
-    if out.exists() and not out.is_dir():
-        raise VitDeployError(f"--out {out} is a file; choose a folder")
+    """Check the output folder and return a fresh staging folder beside it.
+
+    A non-empty --out is refused unless --force. Nothing in --out is touched here: the new
+    export is built in the staging folder and replaces the old one only when complete
+    (`_publish`), so an interrupted or failed export leaves the previous one usable.
+    Staging folders of interrupted exports are removed.
+    """
+    out = Path(out)
+    check_output_dir(out, "--out")
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".staging-")):
         if not force:
             raise VitDeployError(f"--out {out} already holds files; choose an empty folder or add --force to replace them")
-        _remove_previous_export(out)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise VitDeployError(f"cannot replace the export in --out {out}: the folder is not writable; choose a writable folder")
+    parent = out.absolute().parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob(".staging-*"):  # from an interrupted export; never published
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = out / f".staging-{os.getpid()}"
+        parent.mkdir(parents=True, exist_ok=True)
+        for leftover in [*parent.glob(f".{glob.escape(out.name)}{STAGING_TAG}*"), *out.glob(".staging-*")]:
+            if not _alive(leftover.name.rsplit("-", 1)[-1]):  # another export of this folder may be running
+                shutil.rmtree(leftover, ignore_errors=True)
+        staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     except OSError as exc:
-        raise VitDeployError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from exc
+        raise VitDeployError(f"cannot write the staging folder beside --out {out} ({exc.strerror or exc}); "
+                             "choose an --out whose parent folder is writable") from exc
     return staging
 
 
-def _remove_previous_export(out: Path) -> None:
-    """With --force: the manifest first (so it never points at files being replaced), then the files it
-    listed. Files vitdeploy did not write stay."""
-    path = out / MANIFEST
+def _alive(pid: str) -> bool:
+    """Whether a process with this id runs now (a staging folder of a running export is left alone)."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
     try:
-        previous = json.loads(path.read_text()) if path.is_file() else {"artifacts": []}
-    except json.JSONDecodeError:
-        previous = {"artifacts": []}
-    path.unlink(missing_ok=True)
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _export_names(manifest: dict[str, Any]) -> list[str]:
+    """The files an export wrote, as named in its manifest (manifest.json itself last)."""
     names = []
-    for artifact in previous.get("artifacts", []):
+    for artifact in manifest.get("artifacts", []):
         names += [r["path"] for r in [artifact, *artifact.get("external_data", [])]]
         if artifact.get("kind") == "tensorrt":
             names.append(f"{artifact['path']}.json")
-    for name in names:
-        if isinstance(name, str) and Path(name).name == name:  # plain names inside --out only
+    return [n for n in names if isinstance(n, str) and Path(n).name == n] + [MANIFEST]
+
+
+def _publish(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Make the staging folder's export the content of --out.
+
+    Where the file system can (Linux renameat2 RENAME_EXCHANGE), the two folders are swapped
+    in one atomic step, after hard links to every file in --out that the previous export did
+    not write (bench reports, the user's own files) were added to the staging folder. Elsewhere
+    the new files are renamed into --out one by one, manifest.json last.
+    """
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    try:
+        previous = set(_export_names(json.loads((out / MANIFEST).read_text()))) if (out / MANIFEST).is_file() else set()
+    except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError):
+        previous = {MANIFEST}
+    for entry in out.iterdir():
+        if entry.name not in previous and not entry.name.startswith(".staging-") and not (staging / entry.name).exists():
+            _link_tree(entry, staging / entry.name)
+    os.chmod(staging, stat.S_IMODE(out.stat().st_mode))
+    if _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous export
+        return
+    for name in _export_names(manifest):
+        os.replace(staging / name, out / name)
+    for name in previous - set(_export_names(manifest)):
+        if Path(name).name == name:
             (out / name).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`target` names the same files as `source` (hard links; copies where links fail)."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=link)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    else:
+        link(str(source), str(target))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _tensorrt_plan(options: ExportOptions) -> tuple[Any | None, str | None]:
@@ -143,14 +228,15 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     """Run the whole export; returns the manifest. Raises VitDeployError when a parity check fails
     (after writing the manifest with that artifact marked failed)."""
     options.validate()
+    check_output_dir(options.out, "--out")  # before any long work
+    if options.triton is not None:
+        check_output_dir(options.triton, "--triton")
     ckpt_path = resolve_checkpoint(options.source)
     checkpoint = load_checkpoint(ckpt_path)
     trt, no_trt_reason = _tensorrt_plan(options)  # before any long work: an explicit --trt fails here
-    spec = get_spec(checkpoint["model_name"])
+    spec, model = model_from_checkpoint(checkpoint, str(ckpt_path))
     preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
     class_names = list(checkpoint["class_names"])
-    model = build_model(spec, len(class_names))
-    model.load_state_dict(checkpoint["model"])
     model.eval()
     data_dir = Path(options.data_dir or checkpoint["config"]["data_dir"])
     test = load_test(data_dir)
@@ -245,11 +331,11 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         "artifacts": artifacts,
         "tensorrt": {"built": engine_record is not None, "reason": no_trt_reason},
     }
-    _publish(staging, options.out)
     if options.triton is not None:
-        manifest["triton"] = _write_triton(options.triton, options.out, spec.name, manifest)
+        manifest["triton"] = _write_triton(options.triton, staging, spec.name, manifest)
         say(f"Triton model repository: {options.triton}")
-    write_manifest(options.out, manifest)
+    write_manifest(staging, manifest)
+    _publish(staging, options.out, manifest)
     if failed:
         raise VitDeployError(f"parity failed for {', '.join(failed)} (kept, marked failed in {options.out / MANIFEST}); see the lines above")
     return manifest
@@ -265,13 +351,6 @@ def _cuda_parity(path: Path, precision: str, feed: np.ndarray, ref_logits: np.nd
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished files from the staging folder into the output folder."""
-    for path in sorted(staging.iterdir()):
-        os.replace(path, out / path.name)
-    staging.rmdir()
 
 
 def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any], options: ExportOptions,
@@ -314,6 +393,8 @@ def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any]
 
 
 def _write_triton(repo: Path, out: Path, model_name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Lay out the Triton repository from the export's files in `out`."""
+    validate_manifest(manifest)
     repo.mkdir(parents=True, exist_ok=True)
     models = []
     max_batch = manifest["batch"]["max"]

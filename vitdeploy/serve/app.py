@@ -23,10 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy import predictions
+from vitdeploy.backends.base import Backend
+from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import decode_image
 from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
@@ -37,6 +40,7 @@ from vitdeploy.serve.metrics import Metrics
 log = logging.getLogger("vitdeploy.serve")
 OPEN_PATHS = ("/healthz", "/readyz", "/")  # no API key needed: liveness, readiness, the static upload page
 RETRY_AFTER_S = "1"
+CLIENT_CLOSED = 499  # counted in metrics for requests whose client went away (never sent)
 
 
 class ApiError(Exception):
@@ -106,26 +110,41 @@ def model_description(config: ServeConfig) -> dict[str, Any]:
     }
 
 
+def load_backend(config: ServeConfig, manifest: dict[str, Any]) -> Backend:
+    """The served backend, activated and warmed up (first-call allocations, kernel choices)."""
+    size: int = manifest["preprocessing"]["source_size"]
+    backend = open_backend(config.artifacts, manifest, config.backend, config.precision, threads=config.threads,
+                           checkpoint=config.checkpoint)
+    backend.activate()
+    try:
+        for n in sorted({1, config.max_batch}):
+            backend.infer(model_input(manifest, np.zeros((n, 3, size, size), np.uint8), config.backend))
+    except Exception:
+        backend.deactivate()
+        raise
+    return backend
+
+
 def create_app(config: ServeConfig) -> FastAPI:
-    """The application for `config`; the model is loaded and warmed up by its lifespan."""
+    """The application for `config`, with its model loaded and warmed up.
+
+    Loading happens here, before any server starts, so that a missing, damaged or refused
+    model is one `error:` line and exit 1 rather than a failed server start-up. The
+    lifespan starts the batcher and, at shutdown, answers what is queued and releases
+    the backend.
+    """
     manifest = model_description(config)
     config.check(manifest)
     classes: list[str] = manifest["model"]["class_names"]
     size: int = manifest["preprocessing"]["source_size"]
     metrics = Metrics()
-    state: dict[str, Any] = {"ready": False, "batcher": None, "backend": None, "in_flight": 0}
+    backend = load_backend(config, manifest)
+    state: dict[str, Any] = {"ready": False, "batcher": None, "in_flight": 0}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        backend = open_backend(config.artifacts, manifest, config.backend, config.precision, threads=config.threads,
-                               checkpoint=config.checkpoint)
-        await asyncio.to_thread(backend.activate)
-
         def infer(images: np.ndarray) -> np.ndarray:
             return backend.infer(model_input(manifest, images, config.backend))
-
-        for n in sorted({1, config.max_batch}):  # warm-up: first-call allocations and kernel choices
-            await asyncio.to_thread(infer, np.zeros((n, 3, size, size), np.uint8))
 
         def on_batch(stats: BatchStats) -> None:
             metrics.batch_size.observe(stats.size)
@@ -134,7 +153,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         batcher = Batcher(infer, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
         batcher.start()
-        state.update(ready=True, batcher=batcher, backend=backend)
+        state.update(ready=True, batcher=batcher)
         log.info("ready: %s on %s %s", manifest["model"]["name"], config.backend, config.precision)
         try:
             yield
@@ -144,39 +163,48 @@ def create_app(config: ServeConfig) -> FastAPI:
             backend.deactivate()
 
     app = FastAPI(title="vitdeploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse({"error": "internal server error"}, 500)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own 404/405/...: the same {"error": ...} body as every other error."""
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
 
     @app.middleware("http")
     async def _guard_and_measure(request: Request, call_next: Any) -> Response:
         start = time.perf_counter()
         path = request.url.path
-        if config.api_key and path not in OPEN_PATHS and not _authorized(request, config.api_key):
-            response: Response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"},
-                                              401, headers={"WWW-Authenticate": "Bearer"})
-        else:
-            response = await call_next(request)
+        try:
+            if config.api_key and path not in OPEN_PATHS and not _authorized(request, config.api_key):
+                response: Response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY or X-API-Key)"},
+                                                  401, headers={"WWW-Authenticate": "Bearer"})
+            else:
+                response = await call_next(request)
+        except ClientDisconnect:  # the client left, or the read deadline closed its connection
+            response = Response(status_code=CLIENT_CLOSED)
+        except Exception:  # noqa: BLE001 - answered here so that it is counted like every other answer
+            log.exception("unexpected error")
+            response = JSONResponse({"error": "internal server error"}, 500)
         route = request.scope.get("route")
         endpoint = route.path if route is not None else "other"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
 
+    if config.cors_origins:  # outermost: a browser's preflight is answered before the API-key check
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+
     @asynccontextmanager
     async def admitted() -> AsyncIterator[None]:
-        """Admission control: at most `max_queue` prediction requests are read, decoded or queued at
-        once; beyond that a request is refused before its body is read, so memory stays bounded."""
+        """Admission control: at most `max_queue` prediction requests are decoded or queued at once.
+
+        Taken only once a request's body has arrived whole, so slow uploads (bounded by the
+        server's read deadline) never hold a place that a complete request could use."""
         if state["in_flight"] >= config.max_queue:
             raise ApiError(503, f"server busy: {state['in_flight']} requests in progress (limit {config.max_queue}); "
                                 "retry later", {"Retry-After": RETRY_AFTER_S})
@@ -216,32 +244,31 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def predict(request: Request) -> dict[str, Any]:
         """One image: raw bytes as the body, or a multipart part named `file`."""
         top_k = _top_k(request, len(classes))
+        items = await _read_images(request, config, multiple=False)
         async with admitted():
-            items = await _read_images(request, config, multiple=False)
             return {"model": manifest["model"]["name"], "predictions": (await predict_images(items, top_k))[0]}
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request) -> dict[str, Any]:
         """Several images: multipart parts named `files` (or `file`), answered in order."""
         top_k = _top_k(request, len(classes))
+        items = await _read_images(request, config, multiple=True)
         async with admitted():
-            items = await _read_images(request, config, multiple=True)
             results = await predict_images(items, top_k)
         return {"model": manifest["model"]["name"],
                 "results": [{"filename": name, "predictions": p} for (name, _), p in zip(items, results, strict=True)]}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> JSONResponse:
         ready = state["ready"]
         return JSONResponse({"ready": ready}, 200 if ready else 503)
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
-        backend = state["backend"]
         return {
             "model": manifest["model"]["name"],
             "class_names": classes,
@@ -249,9 +276,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             "preprocessing": manifest["preprocessing"],
             "batch": manifest["batch"],
             "artifacts": [{k: a[k] for k in ("kind", "precision", "path", "sha256")} for a in manifest["artifacts"]],
-            "backend": backend.describe() if backend is not None else None,
+            "backend": backend.describe(),
             "serving": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue,
-                        "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s},
+                        "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s,
+                        "read_timeout_s": config.read_timeout_s},
         }
 
     @app.get("/metrics")
@@ -268,18 +296,30 @@ def create_app(config: ServeConfig) -> FastAPI:
 
 
 def _authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization") or ""
-    if auth.lower().startswith("bearer "):
+    """The key from Authorization: Bearer or X-API-Key, compared in constant time as UTF-8 bytes
+    (headers arrive as bytes; decoding them as Latin-1 would never match a non-ASCII key)."""
+    headers = dict(request.scope["headers"])
+    given = headers.get(b"x-api-key", b"")
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() == b"bearer ":
         given = auth[7:].strip()
-    return hmac.compare_digest(given.encode(), key.encode())
+    return hmac.compare_digest(given, key.encode("utf-8"))
+
+
+def parse_count(raw: str, lo: int, hi: int) -> int | None:
+    """An integer in lo..hi written in ASCII digits only (no signs, spaces or other scripts' digits), else None."""
+    if not raw or len(raw) > 9 or not all("0" <= c <= "9" for c in raw):
+        return None
+    value = int(raw)
+    return value if lo <= value <= hi else None
 
 
 def _top_k(request: Request, num_classes: int) -> int:
     raw = request.query_params.get("top_k", "5")
-    if not raw.isdigit() or not 1 <= int(raw) <= num_classes:
-        raise ApiError(400, f"top_k must be an integer from 1 to {num_classes} (got {raw!r})")
-    return int(raw)
+    value = parse_count(raw, 1, num_classes)
+    if value is None:
+        raise ApiError(400, f"top_k must be an integer from 1 to {num_classes} (got {raw[:20]!r})")
+    return value
 
 
 async def _read_images(request: Request, config: ServeConfig, multiple: bool) -> list[tuple[str, bytes]]:
@@ -289,7 +329,7 @@ async def _read_images(request: Request, config: ServeConfig, multiple: bool) ->
     if kind == "multipart/form-data":
         try:
             form = await request.form(max_files=config.images_per_request, max_fields=16)
-        except ApiError:
+        except (ApiError, ClientDisconnect):
             raise
         except Exception as exc:  # noqa: BLE001 - the multipart parser's own errors
             raise ApiError(400, f"malformed multipart body: {exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,17 @@ class ServeConfig:
     max_body_bytes: int = 8 * 2**20
     max_images_per_request: int = 64
     timeout_s: float = 30.0
+    read_timeout_s: float = 10.0
+    max_connections: int = 512
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     threads: int | None = None
     checkpoint: Path | None = None
+
+    @property
+    def shutdown_timeout_s(self) -> int:
+        """How long a graceful shutdown may wait: what one request may take, reading plus answering."""
+        return math.ceil(self.read_timeout_s + self.timeout_s)
 
     @property
     def images_per_request(self) -> int:
@@ -42,9 +50,11 @@ class ServeConfig:
             (self.max_queue >= self.max_batch, f"--max-queue must be at least --max-batch ({self.max_batch})"),
             (self.max_body_bytes >= 1024, "--max-body-mb is too small to hold an image"),
             (self.max_images_per_request >= 1, "--max-images-per-request must be at least 1"),
-            (self.timeout_s > 0, "--timeout-s must be positive"),
+            (0 < self.timeout_s <= 3600, "--timeout-s must be in (0, 3600]"),
+            (0 < self.read_timeout_s <= 600, "--read-timeout-s must be in (0, 600]"),
+            (self.max_connections >= 1, "--max-connections must be at least 1"),
             (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
-            (self.api_key is None or len(self.api_key) >= 8, "the API key must have at least 8 characters"),
+            (self.api_key is None or len(self.api_key.encode("utf-8")) >= 8, "the API key must have at least 8 bytes"),
         ]
         for ok, message in checks:
             if not ok:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,7 +26,8 @@ from vitdeploy import __version__
 from vitdeploy.checkpoint import FORMAT, FORMAT_VERSION, atomic_link, atomic_save, load_checkpoint
 from vitdeploy.data import ImageSet, load_splits
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import build_model, get_spec, load_pretrained, load_weights_file
+from vitdeploy.files import atomic_write_text, check_output_dir
+from vitdeploy.models import build_model, get_spec, load_exact_state, load_pretrained, load_weights_file, model_from_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing, augment_params, epoch_permutation, random_crop_flip
 from vitdeploy.train import distributed
 from vitdeploy.train.config import TrainConfig
@@ -237,7 +237,7 @@ class _Run:
         if resume is None:
             self._load_initial_weights()
         else:
-            self.model.load_state_dict(resume["model"])
+            load_exact_state(self.model, resume["model"], self.spec, "the checkpoint to resume")
         self.model.to(self.device)
         wrapped = self.model
         if dist.active:
@@ -252,13 +252,17 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.progress = RunPosition()
         if resume is not None:
-            self.optimizer.load_state_dict(resume["optimizer"])
-            self.schedule.load_state_dict(resume["scheduler"])
-            self.scaler.load_state_dict(resume["scaler"])
-            self.progress = RunPosition(**resume["progress"])
-            torch.set_rng_state(resume["rng"]["torch"])
-            if self.device.type == "cuda" and resume["rng"].get("cuda"):
-                torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            try:
+                self.optimizer.load_state_dict(resume["optimizer"])
+                self.schedule.load_state_dict(resume["scheduler"])
+                self.scaler.load_state_dict(resume["scaler"])
+                self.progress = RunPosition(**resume["progress"])
+                torch.set_rng_state(resume["rng"]["torch"])
+                if self.device.type == "cuda" and resume["rng"].get("cuda"):
+                    torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise VitDeployError(f"the checkpoint to resume is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
+                                     "resume from another checkpoint of the run (checkpoints/epoch-*.pt)") from None
         self.step_ctx = StepContext(
             self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
             config.grad_accum, config.grad_clip, config.label_smoothing, ddp=dist.active,
@@ -433,8 +437,7 @@ class _Run:
         final = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision, self.dist)
         best = final
         if prog.best_step != prog.step and (self.out / "best.pt").is_file():
-            best_model = build_model(self.spec, len(self.class_names))
-            best_model.load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
+            _spec, best_model = model_from_checkpoint(load_checkpoint(self.out / "best.pt"), str(self.out / "best.pt"))
             best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision, self.dist)
         self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
         summary = {
@@ -460,21 +463,79 @@ class _Run:
             "config": self.config.to_dict(),
         }
         if self.dist.is_main:
-            tmp = self.out / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.out / "summary.json")
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def reconcile_best(self, resume_dir: Path) -> None:
+        """Make best.pt hold the checkpoint the resumed position calls best.
+
+        Resuming from an older checkpoint, or into another folder, can leave a best.pt from
+        a later (abandoned) stretch of the run, or none. The checkpoint written when the
+        recorded best was reached is looked up by its step; if it no longer exists, the
+        choice of the best checkpoint starts over from here, and the run says so."""
+        prog = self.progress
+        best = self.out / "best.pt"
+        if prog.best_step and _checkpoint_step(best) == prog.best_step:
+            return
+        candidates = [resume_dir / "best.pt", resume_dir / "last.pt", *sorted((resume_dir / "checkpoints").glob("epoch-*.pt")),
+                      *sorted((self.out / "checkpoints").glob("epoch-*.pt"))]
+        match = next((c for c in candidates if prog.best_step and _checkpoint_step(c) == prog.best_step), None)
+        if match is not None:
+            atomic_link(match, best)
+            return
+        if best.is_file() or prog.best_step:
+            self.console.print(f"the checkpoint of the best epoch so far ({prog.best_epoch}) is gone: "
+                               "the best checkpoint is chosen again from the epochs still to come")
+        best.unlink(missing_ok=True)
+        prog.best_val_acc, prog.best_epoch, prog.best_step = -1.0, 0, 0
+
+
+RUN_FILES = ("config.json", "metrics.jsonl")  # what a run writes before its first checkpoint
+
+
+def unfinished_run(out: Path) -> bool:
+    """`out` holds only what a run writes before its first checkpoint (it was stopped before one)."""
+    if not out.is_dir():
+        return False
+    for entry in out.iterdir():
+        if entry.name in RUN_FILES or _temporary(entry):
+            continue
+        if entry.name == "checkpoints" and entry.is_dir() and all(_temporary(p) for p in entry.iterdir()):
+            continue
+        return False
+    return (out / "config.json").is_file()
+
+
+def _temporary(path: Path) -> bool:
+    """A file vitdeploy writes and renames (`.NAME.tmp`, `.NAME.XXXX.tmp`), left behind by a kill."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def clean_temporary_files(out: Path) -> None:
+    """Remove what killed runs left half-written in the run folder."""
+    for folder in (out, out / "checkpoints"):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _temporary(path):
+                    path.unlink(missing_ok=True)
 
 
 def check_out_dir(out: Path, resuming: bool) -> None:
-    """Fail early on a run folder that holds another run (unless resuming into it) or cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise VitDeployError(f"--out {out} is a file; choose a folder")
-    if not resuming and out.is_dir() and any(out.iterdir()):
+    """Fail early on a run folder that holds another run (unless resuming into it) or cannot be written.
+
+    A folder whose run was stopped before its first checkpoint holds nothing worth keeping:
+    it is started over."""
+    check_output_dir(out, "--out")
+    if not resuming and out.is_dir() and any(out.iterdir()) and not unfinished_run(out):
         raise VitDeployError(f"--out {out} already holds files; continue that run with --resume {out}, or choose another --out")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise VitDeployError(f"cannot write to --out {out} ({existing} is not a writable folder); choose a writable folder")
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint file was written at; None if it is missing or unreadable."""
+    try:
+        return int(load_checkpoint(path)["step"]) if path.is_file() else None
+    except (VitDeployError, KeyError, TypeError, ValueError):
+        return None
 
 
 def make_out_dir(out: Path) -> None:
@@ -497,9 +558,7 @@ def _carry_metrics(source_dir: Path, out: Path, step: int) -> None:
             continue  # a line cut by a hard kill
         if record.get("type") in ("step", "epoch") and record.get("step", step + 1) <= step:
             kept.append(line)
-    tmp = out / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, out / "metrics.jsonl")
+    atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in kept))
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -537,12 +596,18 @@ def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path 
     wall_start = time.perf_counter()
     out = Path(config.out)
     check_out_dir(out, resuming=resume is not None)
+    restart = resume is None and unfinished_run(out)
     run = _Run(config, console, resume, dist)
     if dist.is_main:
         make_out_dir(out)
+        clean_temporary_files(out)
+        if restart:
+            console.print(f"{out} holds a run stopped before its first checkpoint: starting it over")
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         if resume is not None:
             _carry_metrics(resume_dir or out, out, run.progress.step)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            run.reconcile_best(resume_dir or out)
+        atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     distributed.barrier(dist)
     prog = run.progress
     ranks = f" x {dist.world_size} ranks ({config.batch_size // dist.world_size} per rank)" if dist.active else ""
