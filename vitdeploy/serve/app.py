@@ -119,9 +119,13 @@ def load_backend(config: ServeConfig, manifest: dict[str, Any]) -> Backend:
     try:
         for n in sorted({1, config.max_batch}):
             backend.infer(model_input(manifest, np.zeros((n, 3, size, size), np.uint8), config.backend))
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own types
         backend.deactivate()
-        raise
+        if isinstance(exc, VitDeployError):
+            raise
+        raise VitDeployError(f"the {config.backend} {config.precision} model failed on a warm-up batch "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                             "re-export it with `vitdeploy export`") from exc
     return backend
 
 
