@@ -238,7 +238,7 @@ def test_interrupted_export_leaves_no_manifest(trained: Path, cifar_root: Path, 
 
 
 def test_failed_parity_keeps_the_artifact_marked_failed(trained: Path, cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitdeploy.export.parity as parity
+    import vitdeploy.parity as parity
 
     monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerance(max_abs=0.0, margin=0.0, max_accuracy_drop=0.0))
     with pytest.raises(VitDeployError, match="parity failed for model.onnx"):

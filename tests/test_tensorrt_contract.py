@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy import tensorrt_runtime as trt_runtime
 from vitdeploy.export import tensorrt as trt_export
 
 
@@ -170,17 +171,17 @@ def test_parse_and_build_failures_are_clear(tmp_path: Path) -> None:
 
 
 def test_engine_for_another_version_or_gpu_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trt_export, "current_gpu", lambda: {"gpu": "NVIDIA H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(trt_runtime, "current_gpu", lambda: {"gpu": "NVIDIA H100", "compute_capability": "9.0"})
     fake = FakeTensorRT("11.4.0", False, True)
     record = {"tensorrt_version": "10.13.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
     with pytest.raises(VitDeployError, match="built with TensorRT 10.13.0, this is 11.4.0; rebuild"):
-        trt_export.deserialize(fake, b"x", record)
+        trt_runtime.deserialize(fake, b"x", record)
     record = {"tensorrt_version": "11.4.0", "gpu": "NVIDIA A10", "compute_capability": "8.6"}
     with pytest.raises(VitDeployError, match="built for NVIDIA A10 .*8.6.*this GPU is NVIDIA H100 .*rebuild"):
-        trt_export.deserialize(fake, b"x", record)
+        trt_runtime.deserialize(fake, b"x", record)
     # A hardware-compatible engine may move; TensorRT's own None answer still becomes a clear error.
     with pytest.raises(VitDeployError, match="TensorRT could not load the engine"):
-        trt_export.deserialize(fake, b"x", {**record, "hardware_compatible": True})
+        trt_runtime.deserialize(fake, b"x", {**record, "hardware_compatible": True})
 
 
 @pytest.mark.trt

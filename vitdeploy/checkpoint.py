@@ -43,6 +43,19 @@ def safe_load(path: Path, what: str = "weights file") -> Any:
         raise VitDeployError(f"{what} {path} is truncated or not a torch file ({exc}); use an intact file") from exc
 
 
+def resolve_checkpoint(source: Path) -> Path:
+    """A run folder means its best.pt (else last.pt); a file is taken as it is."""
+    source = Path(source)
+    if source.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (source / name).is_file():
+                return source / name
+        raise VitDeployError(f"{source} holds no best.pt or last.pt; pass a run folder written by `vitdeploy train` or a checkpoint file")
+    if not source.exists():
+        raise VitDeployError(f"{source} does not exist; pass a run folder or a checkpoint file")
+    return source
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A vitdeploy checkpoint, validated by its format marker. A run folder means its last.pt."""
     path = Path(path)

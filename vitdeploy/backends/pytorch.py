@@ -10,7 +10,7 @@ from torch import nn
 
 from vitdeploy.backends.base import Backend
 from vitdeploy.preprocess import Preprocess, Preprocessing
-from vitdeploy.train.precision import DTYPES
+from vitdeploy.precision import DTYPES
 
 
 class TorchBackend(Backend):

@@ -11,7 +11,7 @@ import torch
 
 from vitdeploy.backends.base import Backend
 from vitdeploy.errors import VitDeployError
-from vitdeploy.export.tensorrt import deserialize, import_tensorrt
+from vitdeploy.tensorrt_runtime import deserialize, import_tensorrt
 
 
 class TrtBackend(Backend):

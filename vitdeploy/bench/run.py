@@ -21,7 +21,7 @@ from vitdeploy.backends.factory import BACKENDS, model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
-from vitdeploy.export.parity import TOLERANCES, Tolerance, compare, describe
+from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
 from vitdeploy.manifest import read_manifest
 from vitdeploy.versions import backend_statuses, cuda_devices, device_record, versions
 

@@ -25,14 +25,14 @@ import numpy as np
 import onnx
 import torch
 
-from vitdeploy import __version__
+from vitdeploy import __version__, parity, tensorrt_runtime
 from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
-from vitdeploy.checkpoint import load_checkpoint
+from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
-from vitdeploy.export import fp16, onnx_export, parity, tensorrt, triton
+from vitdeploy.export import fp16, onnx_export, tensorrt, triton, trt_compat
 from vitdeploy.files import check_output_dir
 from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, validate_manifest, write_manifest
 from vitdeploy.models import model_from_checkpoint
@@ -74,19 +74,6 @@ class ExportOptions:
             raise VitDeployError(f"--opt-batch must lie between --min-batch {self.min_batch} and --max-batch {self.max_batch}")
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
-
-
-def resolve_checkpoint(source: Path) -> Path:
-    """A run folder means its best.pt (else last.pt); a file is taken as it is."""
-    source = Path(source)
-    if source.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (source / name).is_file():
-                return source / name
-        raise VitDeployError(f"{source} holds no best.pt or last.pt; pass a run folder written by `vitdeploy train` or a checkpoint file")
-    if not source.exists():
-        raise VitDeployError(f"{source} does not exist; pass a run folder or a checkpoint file")
-    return source
 
 
 STAGING_TAG = ".vitdeploy-staging-"
@@ -213,7 +200,7 @@ def _tensorrt_plan(options: ExportOptions) -> tuple[Any | None, str | None]:
     if options.trt is None and not options.fp16:
         return None, "not asked for (add --trt, or --fp16 on a machine with TensorRT and a GPU)"
     try:
-        trt = tensorrt.import_tensorrt()
+        trt = tensorrt_runtime.import_tensorrt()
         if not torch.cuda.is_available():
             raise VitDeployError(f"TensorRT {trt.__version__} is installed but PyTorch sees no CUDA GPU to build for")
         tensorrt.network_flags(trt)
@@ -280,12 +267,16 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
             say(f"{name} (ONNX Runtime CUDA vs PyTorch fp32): {parity.describe(cuda_metrics)}")
             if not cuda_metrics["passed"]:
                 failed.append(f"{name} on CUDA")
+        check = trt_compat.preflight(onnx.load(str(path), load_external_data=False))
+        say(f"{name} TensorRT preflight ({check['checked_against']}): "
+            + ("ok" if check["ok"] else "PROBLEMS: " + "; ".join(check["problems"])))
         record = {
             "kind": "onnx", "precision": precision, **file_record(staging, name),
             "external_data": [file_record(staging, e) for e in external],
             "opset": onnx_export.OPSET, "inputs": inputs, "outputs": outputs,
             "status": "passed" if metrics["passed"] and (cuda_metrics or {"passed": True})["passed"] else "failed",
             "parity": {"backend": "ort-cpu", **metrics},
+            "tensorrt_preflight": check,
         }
         if cuda_metrics is not None:
             record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
@@ -304,8 +295,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         floats = fp16.float_tensors(onnx.load(str(staging / "model.onnx"), load_external_data=False))
         low = fp16.convert_to_mixed_fp16(onnx.load(str(staging / "model.onnx")), floats)
         low_external = external  # fp16 halves only the matmul weights: keep the fp32 decision
-        onnx.save_model(low, str(staging / "model_fp16.onnx"), save_as_external_data=low_external,
-                        all_tensors_to_one_file=True, location="model_fp16.onnx.data")
+        trt_compat.save_graph(low, staging / "model_fp16.onnx", "model_fp16.onnx.data" if low_external else None)
         verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
 
     engine_record = None
@@ -368,12 +358,12 @@ def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any]
     (staging / name).write_bytes(tensorrt.build_engine(trt, staging / source, onnx_export.INPUT, shape, build))
     record = {
         "kind": "tensorrt", "precision": precision, "source_onnx": source,
-        "tensorrt_version": trt.__version__, **tensorrt.current_gpu(),
+        "tensorrt_version": trt.__version__, **tensorrt_runtime.current_gpu(),
         "profile": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
         "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible,
         "timing_cache": str(cache),
     }
-    engine = tensorrt.deserialize(trt, (staging / name).read_bytes(), record)
+    engine = tensorrt_runtime.deserialize(trt, (staging / name).read_bytes(), record)
     record["io"] = tensorrt.engine_io(engine, trt)
     expected = {contract["name"], onnx_export.OUTPUT}
     if {t["name"] for t in record["io"]} != expected:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy.export.trt_compat import save_graph
 from vitdeploy.preprocess import Preprocess, Preprocessing
 
 OPSET = 18  # native LayerNormalization; below 23, so no ONNX Attention op
@@ -94,6 +95,7 @@ def export_onnx(
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
+    save_graph(onnx.load(str(path), load_external_data=False), path)  # external weights keep their file
     return external
 
 

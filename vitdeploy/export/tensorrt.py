@@ -4,10 +4,9 @@ Precision comes from the ONNX types only: the network is created strongly typed
 (`NetworkDefinitionCreationFlag.STRONGLY_TYPED` where it exists; TensorRT 11 is always
 strongly typed and accepts or lacks the flag), and no precision builder flag is ever set
 (`BuilderFlag.FP16` is gone in 11 and would make 10 pick layer precisions itself). A
-TensorRT that cannot build strongly typed networks is refused. An engine only runs on
-the TensorRT version and GPU it was built for unless built hardware- or
-version-compatible, so the build is recorded next to it and checked before loading:
-`deserialize_cuda_engine` returns None and only logs on a mismatch.
+TensorRT that cannot build strongly typed networks is refused. Loading engines (and the
+version/GPU check before it) lives in `vitdeploy.tensorrt_runtime`, shared with the
+trt backend.
 """
 
 from __future__ import annotations
@@ -19,22 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from vitdeploy.errors import VitDeployError
-
-
-def import_tensorrt() -> ModuleType:
-    """The tensorrt module, or a clear error saying how to get it."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise VitDeployError(
-            "TensorRT is not installed here; on a machine with an NVIDIA GPU: pip install 'vitdeploy[trt]' "
-            "(the CUDA 13 TensorRT wheels from NVIDIA's index)"
-        ) from exc
-    return tensorrt
-
-
-def major_version(trt: ModuleType) -> int:
-    return int(str(trt.__version__).split(".")[0])
+from vitdeploy.tensorrt_runtime import major_version
 
 
 def network_flags(trt: ModuleType) -> int:
@@ -98,13 +82,6 @@ def build_engine(trt: ModuleType, onnx_path: Path, input_name: str, input_shape:
     return bytes(memoryview(serialized))
 
 
-def current_gpu() -> dict[str, str]:
-    import torch
-
-    major, minor = torch.cuda.get_device_capability()
-    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-
-
 def engine_io(engine: Any, trt: ModuleType) -> list[dict[str, Any]]:
     """Name, mode, dtype and (for inputs) profile-0 shape bounds of every I/O tensor."""
     records = []
@@ -116,28 +93,3 @@ def engine_io(engine: Any, trt: ModuleType) -> list[dict[str, Any]]:
             record["profile"] = [list(shape) for shape in engine.get_tensor_profile_shape(name, 0)]
         records.append(record)
     return records
-
-
-def check_compatible(record: dict[str, Any], trt: ModuleType) -> None:
-    """Refuse an engine built for another TensorRT version or GPU, before TensorRT sees it."""
-    here = current_gpu()
-    fix = "rebuild it here with `vitdeploy export ... --trt`"
-    if record["tensorrt_version"] != trt.__version__ and not record.get("version_compatible"):
-        raise VitDeployError(f"the engine was built with TensorRT {record['tensorrt_version']}, this is {trt.__version__}; {fix}")
-    if record["compute_capability"] != here["compute_capability"] and not record.get("hardware_compatible"):
-        raise VitDeployError(
-            f"the engine was built for {record['gpu']} (compute capability {record['compute_capability']}), "
-            f"this GPU is {here['gpu']} ({here['compute_capability']}); {fix}"
-        )
-
-
-def deserialize(trt: ModuleType, data: bytes, record: dict[str, Any]) -> Any:
-    """The ICudaEngine, after the version/GPU check; None from TensorRT becomes a clear error."""
-    check_compatible(record, trt)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    if record.get("version_compatible"):
-        runtime.engine_host_code_allowed = True
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is None:
-        raise VitDeployError("TensorRT could not load the engine (see its log above); rebuild it with `vitdeploy export ... --trt`")
-    return engine

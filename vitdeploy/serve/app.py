@@ -92,8 +92,7 @@ def model_description(config: ServeConfig) -> dict[str, Any]:
     folder = Path(config.artifacts)
     if (folder / MANIFEST).is_file() or config.backend != "pytorch":
         return read_manifest(folder)
-    from vitdeploy.checkpoint import load_checkpoint
-    from vitdeploy.export.artifacts import resolve_checkpoint
+    from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
     from vitdeploy.export.onnx_export import input_spec
     from vitdeploy.preprocess import Preprocessing
 

@@ -32,7 +32,8 @@ from vitdeploy.preprocess import Preprocess, Preprocessing, augment_params, epoc
 from vitdeploy.train import distributed
 from vitdeploy.train.config import TrainConfig
 from vitdeploy.train.distributed import DistContext
-from vitdeploy.train.precision import DTYPES, choose_precision
+from vitdeploy.precision import DTYPES
+from vitdeploy.train.precision import choose_precision
 from vitdeploy.train.schedule import WarmupCosine, build_optimizer
 from vitdeploy.versions import device_record, versions
 

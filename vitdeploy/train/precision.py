@@ -8,7 +8,6 @@ import torch
 from vitdeploy.errors import VitDeployError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:

@@ -1,0 +1,7 @@
+"""Precision names shared by training and inference, and the torch dtypes they mean."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
