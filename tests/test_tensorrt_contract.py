@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from vitdeploy.errors import VitDeployError
@@ -115,7 +116,7 @@ class FakeTensorRT:
 
 
 def build(fake: FakeTensorRT, tmp_path: Path, **options) -> bytes:
-    settings = dict(min_batch=1, opt_batch=16, max_batch=64, workspace_bytes=1 << 30, timing_cache=tmp_path / "timing.cache")
+    settings = dict(profiles=((1, 1, 1), (2, 16, 64)), workspace_bytes=1 << 30, timing_cache=tmp_path / "timing.cache")
     settings.update(options)
     return trt_export.build_engine(fake, tmp_path / "model_fp16.onnx", "input", (16, 3, 32, 32), trt_export.BuildOptions(**settings))
 
@@ -138,7 +139,8 @@ def test_strongly_typed_network_and_no_precision_flag(tmp_path: Path, version, f
     assert fake.called("set_timing_cache") == [("set_timing_cache", False)]
     assert (tmp_path / "timing.cache").read_bytes() == b"cache-after-build"
     assert fake.called("add_optimization_profile") == [
-        ("add_optimization_profile", {"input": ((1, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32))})
+        ("add_optimization_profile", {"input": ((1, 3, 32, 32), (1, 3, 32, 32), (1, 3, 32, 32))}),
+        ("add_optimization_profile", {"input": ((2, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32))}),
     ]
 
 
@@ -198,4 +200,115 @@ def test_real_tensorrt_engine_from_fp16_onnx(tmp_path: Path, cifar_root: Path) -
     engine = next(a for a in manifest["artifacts"] if a["kind"] == "tensorrt")
     assert engine["status"] == "passed" and engine["precision"] == "fp16"
     assert {t["name"] for t in engine["io"]} == {"input", "logits"}
+    assert engine["profiles"] == [{"min": 1, "opt": 1, "max": 1}, {"min": 2, "opt": 16, "max": 16}]
+    from vitdeploy.backends.factory import open_backend
+    from vitdeploy.backends.ort import OrtBackend
+    from vitdeploy.data import load_test
+
+    images = load_test(cifar_root).images[:9].numpy()
+    with OrtBackend(tmp_path / "art" / "model.onnx") as ort_cpu, open_backend(tmp_path / "art", manifest, "trt", "fp16") as trt:
+        for batch in (images[:1], images):  # the 1:1:1 profile, then the 2:16:16 one
+            np.testing.assert_allclose(trt.infer(batch), ort_cpu.infer(batch), atol=0.1)
+            assert trt.last_profile == (0 if len(batch) == 1 else 1)
     assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+# -- optimization profiles --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("lo", "hi", "expected"), [
+    (1, 256, ((1, 1, 1), (2, 32, 256))),
+    (1, 16, ((1, 1, 1), (2, 16, 16))),
+    (1, 1, ((1, 1, 1),)),
+    (4, 8, ((4, 8, 8),)),
+    (1, 2, ((1, 1, 1), (2, 2, 2))),
+])
+def test_default_profiles(lo: int, hi: int, expected: tuple) -> None:
+    assert trt_export.default_profiles(lo, hi) == expected
+    trt_export.check_profiles(expected, lo, hi)
+
+
+@pytest.mark.parametrize(("profiles", "message"), [
+    (((4, 2, 8),), "MIN <= OPT <= MAX"),
+    (((1, 1, 512),), "outside the exported batch range 1..256"),
+    ((), "1 to 16"),
+])
+def test_bad_profiles_are_refused(profiles: tuple, message: str) -> None:
+    with pytest.raises(VitDeployError, match=message):
+        trt_export.check_profiles(profiles, 1, 256)
+
+
+def test_the_narrowest_profile_holding_the_batch_is_chosen() -> None:
+    profiles = [{"min": 2, "opt": 32, "max": 256}, {"min": 1, "opt": 1, "max": 1}, {"min": 8, "opt": 8, "max": 16}]
+    assert [trt_runtime.choose_profile(profiles, b) for b in (1, 2, 8, 16, 17, 256, 257)] == [1, 0, 2, 2, 0, 0, None]
+
+
+class FakeEngine:
+    """An ICudaEngine stand-in with several profiles; contexts record what they are asked."""
+
+    def __init__(self, profiles: int) -> None:
+        self.num_optimization_profiles = profiles
+        self.device_memory_size_v2 = 4096
+        self.contexts: list[SimpleNamespace] = []
+
+    def create_execution_context(self, strategy=None):
+        calls: list[tuple] = [("create", strategy)]
+        context = SimpleNamespace(calls=calls)
+        context.set_device_memory = lambda ptr, size: calls.append(("memory", ptr, size))
+        context.set_optimization_profile_async = lambda index, stream: calls.append(("profile", index, stream)) or True
+        self.contexts.append(context)
+        return context
+
+
+def test_one_context_per_profile_sharing_one_memory_block(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vitdeploy.backends import trt as trt_backend
+
+    for version, has_strategy in (("10.13.0", True), ("11.4.0", True), ("10.0.1", False)):
+        fake = FakeTensorRT(version, False, True)
+        if has_strategy:
+            fake.ExecutionContextAllocationStrategy = SimpleNamespace(USER_MANAGED="USER_MANAGED")
+        engine = FakeEngine(2)
+        monkeypatch.setattr(trt_backend, "import_tensorrt", lambda fake=fake: fake)
+        monkeypatch.setattr(trt_backend, "deserialize", lambda trt, data, record, engine=engine: engine)
+        (tmp_path / "m.plan").write_bytes(b"engine")
+        allocations: list[int] = []
+        stream = SimpleNamespace(cuda_stream=77, synchronize=lambda: None)
+        record = {"profiles": [{"min": 1, "opt": 1, "max": 1}, {"min": 2, "opt": 32, "max": 256}]}
+        backend = trt_backend.TrtBackend(tmp_path / "m.plan", record, stream_factory=lambda: stream,
+                                         allocate=lambda size: allocations.append(size) or SimpleNamespace(data_ptr=lambda: 1234))
+        backend.activate()
+        assert len(engine.contexts) == 2
+        for index, context in enumerate(engine.contexts):
+            assert ("profile", index, 77) in context.calls
+            if has_strategy:
+                assert context.calls[0] == ("create", "USER_MANAGED") and ("memory", 1234, 4096) in context.calls
+            else:
+                assert context.calls[0] == ("create", None)
+        assert allocations == ([4096] if has_strategy else [])
+        assert backend.context_for(1) is engine.contexts[0] and backend.last_profile == 0
+        assert backend.context_for(100) is engine.contexts[1] and backend.describe()["last_profile"] == 1
+        with pytest.raises(VitDeployError, match="outside every optimization profile.*1..1, 2..256"):
+            backend.context_for(300)
+        backend.deactivate()
+
+
+def test_an_engine_whose_profiles_disagree_with_its_record_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vitdeploy.backends import trt as trt_backend
+
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: FakeTensorRT("11.4.0", False, True))
+    monkeypatch.setattr(trt_backend, "deserialize", lambda *a: FakeEngine(1))
+    (tmp_path / "m.plan").write_bytes(b"engine")
+    backend = trt_backend.TrtBackend(tmp_path / "m.plan", {"profiles": [{"min": 1, "opt": 1, "max": 1}] * 2},
+                                     stream_factory=lambda: SimpleNamespace(cuda_stream=1, synchronize=lambda: None))
+    with pytest.raises(VitDeployError, match="1 optimization profiles, its record 2"):
+        backend.activate()
+
+
+def test_cli_profile_errors_are_one_line(trained: Path, cifar_root: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    for value, message in (("4:2:8", "MIN <= OPT <= MAX"), ("1:1:999", "outside the exported batch range"), ("1-2-3", "MIN:OPT:MAX")):
+        result = run_cli("export", str(trained), "--out", str(tmp_path / "art"), "--trt-profile", value, "--max-batch", "16",
+                         "--data-dir", str(cifar_root))
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "art").exists()

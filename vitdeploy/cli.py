@@ -292,8 +292,8 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
     trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing). [default: with --fp16, when possible]")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
-    opt_batch: Annotated[Optional[int], typer.Option(help="Batch size TensorRT optimizes for. [default: 32 within the range]")] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
+    trt_profile: Annotated[Optional[list[str]], typer.Option(help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch. [default: 1:1:1 and 2:min(32,max):max]")] = None,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N). [default: the full test set]")] = 10_000,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py. [default: the run's]")] = None,
@@ -308,13 +308,22 @@ def export(
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
 
     options = ExportOptions(
-        source=source, out=out, fp16=fp16, trt=trt, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+        source=source, out=out, fp16=fp16, trt=trt, min_batch=min_batch, max_batch=max_batch,
+        trt_profiles=tuple(_profile(text) for text in trt_profile or ()),
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
         version_compatible=version_compatible,
     )
     export_artifacts(options, say=lambda line: console.print(escape(line)))
     console.print(f"wrote {out / 'manifest.json'}")
+
+
+def _profile(text: str) -> tuple[int, int, int]:
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise VitDeployError(f"--trt-profile takes MIN:OPT:MAX batch sizes, e.g. 1:1:1 or 2:32:256; got {text!r}")
+    lo, opt, hi = (int(p) for p in parts)
+    return lo, opt, hi
 
 
 def _csv(text: str, flag: str, cast: type = str) -> tuple:

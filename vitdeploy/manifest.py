@@ -197,10 +197,13 @@ def validate_manifest(manifest: Any) -> None:
             _field(artifact, "tensorrt_version", str, where)
             _field(artifact, "compute_capability", str, where)
             _field(artifact, "gpu", str, where)
-            profile = _field(artifact, "profile", dict, where)
-            p_lo = _int(profile, "min", 1, MAX_BATCH, f"{where}.profile")
-            p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profile")
-            _int(profile, "opt", p_lo, p_hi, f"{where}.profile")
+            profiles = _field(artifact, "profiles", list, where)
+            if not 1 <= len(profiles) <= 16:
+                raise VitDeployError(f"{where}.profiles must list 1 to 16 optimization profiles")
+            for j, profile in enumerate(profiles):
+                p_lo = _int(profile, "min", 1, MAX_BATCH, f"{where}.profiles[{j}]")
+                p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profiles[{j}]")
+                _int(profile, "opt", p_lo, p_hi, f"{where}.profiles[{j}]")
 
 def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None) -> dict[str, Any] | None:
     """The first artifact of `kind` ('onnx', 'tensorrt'), of `precision` when given."""

@@ -61,3 +61,12 @@ def deserialize(trt: ModuleType, data: bytes, record: dict[str, Any]) -> Any:
     if engine is None:
         raise VitDeployError("TensorRT could not load the engine (see its log above); rebuild it with `vitdeploy export ... --trt`")
     return engine
+
+
+def choose_profile(profiles: list[dict[str, int]], batch: int) -> int | None:
+    """Index of the narrowest optimization profile whose range holds `batch` (None if none does).
+
+    Narrow profiles are tuned closer to the batch they run (TensorRT picks kernels for the
+    profile's opt size), so a batch of 1 runs the 1:1:1 profile when there is one."""
+    fitting = [(p["max"] - p["min"], p["max"], i) for i, p in enumerate(profiles) if p["min"] <= batch <= p["max"]]
+    return min(fitting)[2] if fitting else None

@@ -229,6 +229,7 @@ def run_bench(options: BenchOptions, say: Say = print,
                     else:
                         timing = measure(end_to_end, batches, options.policy)
                     record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
+                    record["trt_profile"] = backend.describe().get("last_profile")  # which optimization profile ran
                     records.append(record)
                     if progress is not None:
                         progress(report)

@@ -49,7 +49,7 @@ class ExportOptions:
     fp16: bool = False
     trt: bool | None = None  # None: build when --fp16 and TensorRT and a GPU are present
     min_batch: int = 1
-    opt_batch: int | None = None  # None: 32, clamped to the batch range
+    trt_profiles: tuple[tensorrt.Profile, ...] = ()  # empty: tensorrt.default_profiles of the batch range
     max_batch: int = 256
     preprocess_in_graph: bool = True
     parity_images: int = 10_000
@@ -63,15 +63,19 @@ class ExportOptions:
 
     @property
     def opt(self) -> int:
-        return self.opt_batch if self.opt_batch is not None else max(self.min_batch, min(32, self.max_batch))
+        """The batch size the artifacts are tuned for (the manifest's batch.opt): 32 within the range."""
+        return max(self.min_batch, min(32, self.max_batch))
+
+    @property
+    def profiles(self) -> tuple[tensorrt.Profile, ...]:
+        return self.trt_profiles or tensorrt.default_profiles(self.min_batch, self.max_batch)
 
     def validate(self) -> None:
         if self.min_batch < 1:
             raise VitDeployError("--min-batch must be at least 1")
         if self.max_batch < self.min_batch:
             raise VitDeployError(f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise --max-batch")
-        if self.opt_batch is not None and not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise VitDeployError(f"--opt-batch must lie between --min-batch {self.min_batch} and --max-batch {self.max_batch}")
+        tensorrt.check_profiles(self.profiles, self.min_batch, self.max_batch)
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
 
@@ -351,7 +355,7 @@ def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any]
     name = f"model_{precision}.plan"
     cache = options.timing_cache or Path.home() / ".cache" / "vitdeploy" / "tensorrt-timing.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    build = tensorrt.BuildOptions(options.min_batch, options.opt, options.max_batch, int(options.workspace_gb * (1 << 30)),
+    build = tensorrt.BuildOptions(options.profiles, int(options.workspace_gb * (1 << 30)),
                                   cache, options.hardware_compatible, options.version_compatible)
     say(f"building the TensorRT {trt.__version__} engine from {source} (strongly typed; precision from the ONNX types)")
     shape = (options.opt, *contract["shape"][1:])
@@ -359,7 +363,7 @@ def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any]
     record = {
         "kind": "tensorrt", "precision": precision, "source_onnx": source,
         "tensorrt_version": trt.__version__, **tensorrt_runtime.current_gpu(),
-        "profile": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
+        "profiles": [{"min": lo, "opt": opt, "max": hi} for lo, opt, hi in options.profiles],
         "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible,
         "timing_cache": str(cache),
     }

@@ -34,13 +34,38 @@ def network_flags(trt: ModuleType) -> int:
     )
 
 
+Profile = tuple[int, int, int]  # (min, opt, max) batch sizes of one optimization profile
+
+
+def default_profiles(min_batch: int, max_batch: int) -> tuple[Profile, ...]:
+    """One profile for latency (1:1:1) and one for throughput (2:min(32, max):max), within the
+    exported batch range: a wide profile costs latency at batch 1, a narrow one cannot batch."""
+    profiles: list[Profile] = []
+    if min_batch <= 1:
+        profiles.append((1, 1, 1))
+    low = max(2, min_batch)
+    if low <= max_batch:
+        profiles.append((low, min(max(32, low), max_batch), max_batch))
+    return tuple(profiles)
+
+
+def check_profiles(profiles: tuple[Profile, ...], min_batch: int, max_batch: int) -> None:
+    """Each --trt-profile is MIN <= OPT <= MAX inside the exported batch range; at most 16."""
+    if not 1 <= len(profiles) <= 16:
+        raise VitDeployError("give 1 to 16 --trt-profile values")
+    for lo, opt, hi in profiles:
+        if not lo <= opt <= hi:
+            raise VitDeployError(f"--trt-profile {lo}:{opt}:{hi} must satisfy MIN <= OPT <= MAX")
+        if lo < min_batch or hi > max_batch:
+            raise VitDeployError(f"--trt-profile {lo}:{opt}:{hi} is outside the exported batch range {min_batch}..{max_batch}; "
+                                 "widen --min-batch/--max-batch or narrow the profile")
+
+
 @dataclass(frozen=True)
 class BuildOptions:
-    """Engine build settings. Batch bounds become the single optimization profile."""
+    """Engine build settings; each profile becomes one optimization profile, in order."""
 
-    min_batch: int
-    opt_batch: int
-    max_batch: int
+    profiles: tuple[Profile, ...]
     workspace_bytes: int = 4 << 30
     timing_cache: Path | None = None
     hardware_compatible: bool = False
@@ -63,10 +88,11 @@ def build_engine(trt: ModuleType, onnx_path: Path, input_name: str, input_shape:
         cache_bytes = options.timing_cache.read_bytes()
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
-    profile = builder.create_optimization_profile()
     rest = tuple(input_shape[1:])
-    profile.set_shape(input_name, (options.min_batch, *rest), (options.opt_batch, *rest), (options.max_batch, *rest))
-    config.add_optimization_profile(profile)
+    for lo, opt, hi in options.profiles:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(input_name, (lo, *rest), (opt, *rest), (hi, *rest))
+        config.add_optimization_profile(profile)
     if options.hardware_compatible:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     if options.version_compatible:
@@ -83,13 +109,14 @@ def build_engine(trt: ModuleType, onnx_path: Path, input_name: str, input_shape:
 
 
 def engine_io(engine: Any, trt: ModuleType) -> list[dict[str, Any]]:
-    """Name, mode, dtype and (for inputs) profile-0 shape bounds of every I/O tensor."""
+    """Name, mode, dtype and (for inputs) the shape bounds of every profile, of every I/O tensor."""
     records = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
         record = {"name": name, "mode": "input" if is_input else "output", "dtype": str(engine.get_tensor_dtype(name)).split(".")[-1]}
         if is_input:
-            record["profile"] = [list(shape) for shape in engine.get_tensor_profile_shape(name, 0)]
+            record["profiles"] = [[list(shape) for shape in engine.get_tensor_profile_shape(name, i)]
+                                  for i in range(engine.num_optimization_profiles)]
         records.append(record)
     return records
