@@ -151,3 +151,72 @@ def test_inference_code_loads_no_training_or_export_code() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- ort-trt: ONNX Runtime's TensorRT execution provider ----------------------------------------
+
+
+def test_nodes_outside_tensorrt_are_named_from_the_profile() -> None:
+    from vitdeploy.backends.ort import nodes_outside
+
+    profile = [
+        {"cat": "Session", "name": "session_initialization"},
+        {"cat": "Node", "name": "TensorrtExecutionProvider_TRTKernel_graph_main_0_kernel_time",
+         "args": {"provider": "TensorrtExecutionProvider"}},
+        {"cat": "Node", "name": "node_Shape_0_kernel_time", "args": {"provider": "CUDAExecutionProvider"}},
+        {"cat": "Node", "name": "node_Shape_0_fence_before", "args": {"provider": "CUDAExecutionProvider"}},
+        {"cat": "Node", "name": "Erf_3_kernel_time", "args": {"provider": "CPUExecutionProvider"}},
+    ]
+    assert nodes_outside(profile, "TensorrtExecutionProvider") == ["node_Shape_0", "Erf_3"]
+    assert nodes_outside(profile[:2], "TensorrtExecutionProvider") == []
+
+
+def test_ort_trt_options_come_from_the_manifest(exported: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from vitdeploy.backends.factory import open_backend
+
+    art = tmp_path / "art"
+    shutil.copytree(exported, art)
+    backend = open_backend(art, read_manifest(art), "ort-trt", "fp16")
+    options = backend._trt_options()
+    assert options["trt_engine_cache_path"] == str(art / ".ort-trt-cache") and (art / ".ort-trt-cache").is_dir()
+    assert options["trt_fp16_enable"] == "True" and options["trt_timing_cache_enable"] == "True"
+    assert options["trt_profile_min_shapes"] == "input:1x3x32x32,input:2x3x32x32"
+    assert options["trt_profile_opt_shapes"] == "input:1x3x32x32,input:16x3x32x32"
+    assert options["trt_profile_max_shapes"] == "input:1x3x32x32,input:16x3x32x32"
+
+
+def test_ort_trt_without_a_gpu_is_one_line(exported: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    result = run_cli("predict", str(exported), str(image), "--backend", "ort-trt")
+    assert result.returncode == 1 and result.stderr.startswith("error: ort-trt needs a CUDA GPU"), result.stderr
+    result = run_cli("bench", str(exported), "--backend", "ort-trt", "--out", str(tmp_path / "b"))
+    assert result.returncode == 1 and "backend ort-trt cannot run here" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "b" / "bench.json").exists()
+    info = run_cli("info", "--json")
+    assert any(b["name"] == "ort-trt" for b in __import__("json").loads(info.stdout)["backends"])
+
+
+@pytest.mark.gpu
+def test_ort_trt_runs_every_node_in_tensorrt(exported: Path, tmp_path: Path) -> None:
+    """On a GPU machine with TensorRT libraries: the whole graph runs inside TensorRT."""
+    import shutil
+
+    from vitdeploy.backends.factory import open_backend
+    from vitdeploy.versions import backend_statuses
+
+    if not next(s for s in backend_statuses() if s.name == "ort-trt").usable:
+        pytest.skip("ONNX Runtime's TensorRT provider cannot run here")
+    art = tmp_path / "art"
+    shutil.copytree(exported, art)
+    with open_backend(art, read_manifest(art), "ort-trt", "fp32") as backend:
+        logits = backend.infer(np.zeros((4, 3, 32, 32), np.uint8))
+    assert logits.shape == (4, 10) and np.isfinite(logits).all()

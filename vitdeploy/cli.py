@@ -282,6 +282,7 @@ class BackendName(str, Enum):
     pytorch = "pytorch"
     ort_cpu = "ort-cpu"
     ort_cuda = "ort-cuda"
+    ort_trt = "ort-trt"
     trt = "trt"
 
 
@@ -336,7 +337,7 @@ def _csv(text: str, flag: str, cast: type = str) -> tuple:
 @app.command()
 def bench(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
-    backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, trt.")] = "all",
+    backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
     precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16. [default: pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda and trt every exported precision]")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time. [default: 1,8,32,128, those within the exported range]")] = "",
     mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",

@@ -14,6 +14,8 @@ from typing import Any
 
 from vitdeploy.errors import VitDeployError
 
+Profile = tuple[int, int, int]  # (min, opt, max) batch sizes of one optimization profile
+
 
 def import_tensorrt() -> ModuleType:
     """The tensorrt module, or a clear error saying how to get it."""
@@ -70,3 +72,15 @@ def choose_profile(profiles: list[dict[str, int]], batch: int) -> int | None:
     profile's opt size), so a batch of 1 runs the 1:1:1 profile when there is one."""
     fitting = [(p["max"] - p["min"], p["max"], i) for i, p in enumerate(profiles) if p["min"] <= batch <= p["max"]]
     return min(fitting)[2] if fitting else None
+
+
+def default_profiles(min_batch: int, max_batch: int) -> tuple[Profile, ...]:
+    """One profile for latency (1:1:1) and one for throughput (2:min(32, max):max), within the
+    exported batch range: a wide profile costs latency at batch 1, a narrow one cannot batch."""
+    profiles: list[Profile] = []
+    if min_batch <= 1:
+        profiles.append((1, 1, 1))
+    low = max(2, min_batch)
+    if low <= max_batch:
+        profiles.append((low, min(max(32, low), max_batch), max_batch))
+    return tuple(profiles)

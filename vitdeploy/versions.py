@@ -131,10 +131,11 @@ def _trt_status() -> tuple[bool, str]:
 
 
 def backend_statuses() -> list[BackendStatus]:
-    """pytorch, ort-cpu, ort-cuda and trt: usable here, or the reason they are not."""
+    """pytorch, ort-cpu, ort-cuda, ort-trt and trt: usable here, or the reason they are not."""
     cuda = torch.cuda.is_available()
     statuses = [BackendStatus("pytorch", True, f"torch {torch.__version__} on {'CUDA and CPU' if cuda else 'CPU only'}")]
-    for name, provider in (("ort-cpu", "CPUExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider")):
+    for name, provider in (("ort-cpu", "CPUExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider"),
+                           ("ort-trt", "TensorrtExecutionProvider")):
         usable, reason = _ort_status(provider)
         statuses.append(BackendStatus(name, usable, reason))
     usable, reason = _trt_status()

@@ -13,8 +13,9 @@ from vitdeploy.backends.base import Backend
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import artifact_path, find_artifact, sha256_file
 from vitdeploy.preprocess import Preprocess, Preprocessing
+from vitdeploy.tensorrt_runtime import default_profiles
 
-BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "trt")
+BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 
 
 def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None,
@@ -41,8 +42,11 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
         return TrtBackend(artifact_path(folder, artifact), artifact)
     from vitdeploy.backends.ort import OrtBackend
 
+    engine = find_artifact(manifest, "tensorrt", precision)
+    profiles = engine["profiles"] if engine is not None else [
+        {"min": lo, "opt": opt, "max": hi} for lo, opt, hi in default_profiles(manifest["batch"]["min"], manifest["batch"]["max"])]
     return OrtBackend(artifact_path(folder, artifact), name.split("-")[1], threads=threads, precision=precision,
-                      max_batch=manifest["batch"]["max"])
+                      max_batch=manifest["batch"]["max"], trt_profiles=profiles, input_shape=manifest["input"]["shape"])
 
 
 def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, compile: bool, checkpoint: Path | None) -> Backend:

@@ -1,9 +1,12 @@
-"""ONNX Runtime backends: `ort-cpu`, and `ort-cuda`, which refuses to run if the session
+"""ONNX Runtime backends: `ort-cpu`; `ort-cuda`, which refuses to run if the session
 silently fell back to the CPU and feeds the session through I/O binding to device buffers
-(torch CUDA tensors), so that copies are explicit and device mode copies nothing."""
+(torch CUDA tensors), so that copies are explicit and device mode copies nothing; and
+`ort-trt`, ONNX Runtime's TensorRT execution provider, which is refused unless every node
+of the graph runs inside TensorRT (checked from ONNX Runtime's own profile)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,8 @@ import torch  # imported before onnxruntime: loads the CUDA libraries from the t
 from vitdeploy.backends.base import Backend
 from vitdeploy.errors import VitDeployError
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
+TRT_CACHE = ".ort-trt-cache"  # engine and timing caches, inside the artifact folder
 
 
 def _ort():  # noqa: ANN202 - the module
@@ -44,9 +48,10 @@ class OrtBackend(Backend):
 
     def __init__(self, onnx_path: Path, device: str = "cpu", threads: int | None = None, optimization: str = "all",
                  input_name: str = "input", output_name: str = "logits", precision: str = "fp32",
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, trt_profiles: list[dict[str, int]] | None = None,
+                 input_shape: list[Any] | None = None) -> None:
         if device not in PROVIDERS:
-            raise VitDeployError(f"unknown ONNX Runtime device {device!r}; use cpu or cuda")
+            raise VitDeployError(f"unknown ONNX Runtime device {device!r}; use cpu, cuda or trt")
         self.name = f"ort-{device}"
         self.onnx_path = Path(onnx_path)
         self.device = device
@@ -55,19 +60,29 @@ class OrtBackend(Backend):
         self.input_name, self.output_name = input_name, output_name
         self.precision = precision
         self.max_batch = max_batch
-        self.device_mode = device == "cuda"
+        self.device_mode = device in ("cuda", "trt")
+        self.trt_profiles = trt_profiles or []
+        self.input_shape = input_shape
+        self.provider_options: dict[str, str] = {}
         self.session = None
         self.num_classes = 0
 
     def activate(self) -> None:
         ort = _ort()
         provider = PROVIDERS[self.device]
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise VitDeployError(f"{self.name} needs a CUDA GPU and PyTorch sees none here; use --backend ort-cpu")
         if provider not in ort.get_available_providers():
             raise VitDeployError(f"ONNX Runtime {ort.__version__} here has no {provider}; install onnxruntime-gpu on a CUDA machine")
+        options = session_options(self.threads, self.optimization)
+        providers: list[Any] = [provider]
+        if self.device == "trt":
+            self.provider_options = self._trt_options()
+            providers = [(provider, self.provider_options)]
+            options.enable_profiling = True  # to see where each node ran
+            options.profile_file_prefix = str(Path(self.provider_options["trt_engine_cache_path"]) / "profile")
         try:
-            self.session = ort.InferenceSession(
-                str(self.onnx_path), sess_options=session_options(self.threads, self.optimization), providers=[provider]
-            )
+            self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types
             raise VitDeployError(f"ONNX Runtime could not load {self.onnx_path.name}: {str(exc).splitlines()[0]}") from exc
         if self.session.get_providers()[0] != provider:
@@ -78,6 +93,42 @@ class OrtBackend(Backend):
                 "the ort-cuda numbers would be CPU numbers, so nothing was run"
             )
         self.num_classes = int(self.session.get_outputs()[0].shape[1])
+        if self.device == "trt":
+            self._check_all_nodes_in_tensorrt()
+
+    def _trt_options(self) -> dict[str, str]:
+        """TensorRT provider options: caches inside the artifact folder, the manifest's profiles,
+        and precision from the graph's own types (fp16 kernels allowed only for the fp16 graph)."""
+        cache = self.onnx_path.parent / TRT_CACHE
+        try:
+            cache.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise VitDeployError(f"ort-trt keeps its engine cache in {cache}, which cannot be created ({exc.strerror}); "
+                                 "copy the artifact folder somewhere writable") from None
+        options = {
+            "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
+            "trt_fp16_enable": "True" if self.precision == "fp16" else "False",
+        }
+        if self.trt_profiles and self.input_shape:
+            rest = "x".join(str(d) for d in self.input_shape[1:])
+            for key, field in (("trt_profile_min_shapes", "min"), ("trt_profile_opt_shapes", "opt"), ("trt_profile_max_shapes", "max")):
+                options[key] = ",".join(f"{self.input_name}:{p[field]}x{rest}" for p in self.trt_profiles)
+        return options
+
+    def _check_all_nodes_in_tensorrt(self) -> None:
+        """Run one batch and read ONNX Runtime's profile: a node outside TensorRT means the numbers
+        would not be TensorRT's, so the session is refused, naming the nodes."""
+        shape = [1, *self.input_shape[1:]] if self.input_shape else None
+        if shape is not None:
+            dtype = np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
+            self.session.run([self.output_name], {self.input_name: np.zeros(shape, dtype)})
+        outside = nodes_outside(json.loads(Path(self.session.end_profiling()).read_text()), PROVIDERS["trt"])
+        if outside:
+            self.session = None
+            raise VitDeployError(f"ort-trt ran {len(outside)} nodes outside TensorRT ({', '.join(outside[:5])}); "
+                                 "its numbers would not be TensorRT's, so nothing was run (check the TensorRT preflight "
+                                 "in manifest.json)")
 
     def _check(self, images: np.ndarray) -> None:
         if self.session is None:
@@ -86,7 +137,7 @@ class OrtBackend(Backend):
             raise VitDeployError(f"batch of {len(images)} exceeds the exported maximum {self.max_batch}; re-export with a larger --max-batch")
 
     def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.device == "cpu":
+        if not self.device_mode:
             self._check(images)
             return self.session.run([self.output_name], {self.input_name: images})[0]
         binding, _, out = self.stage(images)  # checks the batch
@@ -113,4 +164,17 @@ class OrtBackend(Backend):
     def describe(self) -> dict[str, Any]:
         ort = _ort()
         return {"name": self.name, "device": self.device, "precision": self.precision, "onnxruntime": ort.__version__,
-                "threads": self.threads, "graph_optimization": self.optimization, "model": self.onnx_path.name}
+                "threads": self.threads, "graph_optimization": self.optimization, "model": self.onnx_path.name,
+                **({"provider_options": self.provider_options} if self.provider_options else {})}
+
+
+def nodes_outside(profile: list[dict[str, Any]], provider: str) -> list[str]:
+    """Names of the nodes an ONNX Runtime profile shows running on another provider than `provider`."""
+    names = []
+    for event in profile:
+        args = event.get("args") or {}
+        if event.get("cat") == "Node" and args.get("provider") and args["provider"] != provider:
+            name = str(event.get("name", "?")).removesuffix("_kernel_time").removesuffix("_fence_before").removesuffix("_fence_after")
+            if name not in names:
+                names.append(name)
+    return names

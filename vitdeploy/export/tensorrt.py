@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from vitdeploy.errors import VitDeployError
-from vitdeploy.tensorrt_runtime import major_version
+from vitdeploy.tensorrt_runtime import Profile, default_profiles, major_version  # noqa: F401 - re-exported
 
 
 def network_flags(trt: ModuleType) -> int:
@@ -32,21 +32,6 @@ def network_flags(trt: ModuleType) -> int:
         f"TensorRT {trt.__version__} cannot build strongly typed networks, so it would choose layer precisions itself; "
         "install TensorRT 10.x or 11.x"
     )
-
-
-Profile = tuple[int, int, int]  # (min, opt, max) batch sizes of one optimization profile
-
-
-def default_profiles(min_batch: int, max_batch: int) -> tuple[Profile, ...]:
-    """One profile for latency (1:1:1) and one for throughput (2:min(32, max):max), within the
-    exported batch range: a wide profile costs latency at batch 1, a narrow one cannot batch."""
-    profiles: list[Profile] = []
-    if min_batch <= 1:
-        profiles.append((1, 1, 1))
-    low = max(2, min_batch)
-    if low <= max_batch:
-        profiles.append((low, min(max(32, low), max_batch), max_batch))
-    return tuple(profiles)
 
 
 def check_profiles(profiles: tuple[Profile, ...], min_batch: int, max_batch: int) -> None:
