@@ -280,3 +280,28 @@ def test_external_data_for_large_models(trained: Path, cifar_root: Path, tmp_pat
     assert (tmp_path / "triton" / "vit_cifar_tiny_onnx" / "1" / "model.onnx.data").is_file()
     with OrtBackend(tmp_path / "triton" / "vit_cifar_tiny_onnx" / "1" / "model.onnx") as backend:
         assert backend.infer(np.zeros((2, 3, 32, 32), np.uint8)).shape == (2, 10)
+
+
+def test_fp16_activations_policy(trained: Path, cifar_root: Path, tmp_path: Path) -> None:
+    manifest = export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", fp16=True, fp16_policy="activations", max_batch=8,
+                                              data_dir=cifar_root), say=lambda _line: None)
+    low = next(a for a in manifest["artifacts"] if a["precision"] == "fp16")
+    assert low["fp16_policy"] == "activations" and low["status"] == "passed" and low["tensorrt_preflight"]["ok"]
+    model = onnx.load(str(tmp_path / "art" / "model_fp16.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == UINT8
+    assert model.graph.output[0].type.tensor_type.elem_type == FLOAT
+    seen = set()
+    for op, name, inputs, outputs in node_dtypes(model):
+        if op in ("MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization", "Erf", "Add"):
+            seen.add(op)
+            assert FLOAT not in inputs and outputs[0] == FLOAT16, (op, name, inputs, outputs)
+    assert {"MatMul", "Softmax", "LayerNormalization", "Add"} <= seen
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":  # statistics in fp32: stash_type absent (default 1) or 1
+            assert all(a.i == 1 for a in node.attribute if a.name == "stash_type")
+
+
+def test_unknown_fp16_policy_is_refused(trained: Path, tmp_path: Path) -> None:
+    with pytest.raises(VitDeployError, match="unknown --fp16-policy 'half'"):
+        export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", fp16=True, fp16_policy="half"), say=lambda _line: None)
+    assert not (tmp_path / "art").exists()

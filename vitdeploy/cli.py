@@ -51,6 +51,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class FP16Policy(str, Enum):
+    matmul = "matmul"
+    activations = "activations"
+
+
 class Source(str, Enum):
     real = "real"
     synthetic = "synthetic"
@@ -294,6 +299,7 @@ def export(
     trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing). [default: with --fp16, when possible]")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
+    fp16_policy: Annotated[FP16Policy, typer.Option(help="fp16 graph: matmul (MatMul/Gemm/Conv in fp16, the rest fp32) or activations (all activations fp16, LayerNorm statistics and logits fp32).")] = FP16Policy.matmul,
     trt_profile: Annotated[Optional[list[str]], typer.Option(help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch. [default: 1:1:1 and 2:min(32,max):max]")] = None,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N). [default: the full test set]")] = 10_000,
@@ -309,7 +315,7 @@ def export(
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
 
     options = ExportOptions(
-        source=source, out=out, fp16=fp16, trt=trt, min_batch=min_batch, max_batch=max_batch,
+        source=source, out=out, fp16=fp16, fp16_policy=fp16_policy.value, trt=trt, min_batch=min_batch, max_batch=max_batch,
         trt_profiles=tuple(_profile(text) for text in trt_profile or ()),
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,

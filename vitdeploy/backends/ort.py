@@ -56,7 +56,9 @@ class OrtBackend(Backend):
         self.onnx_path = Path(onnx_path)
         self.device = device
         self.threads = threads
-        self.optimization = optimization
+        # ONNX Runtime's CPU provider crashes (SIGSEGV, 1.31.1) building an all-fp16 ViT graph at the
+        # "all" level, whose extra CPU layout passes gain nothing for fp16; fp16 on the CPU stops at "extended".
+        self.optimization = "extended" if device == "cpu" and precision == "fp16" and optimization == "all" else optimization
         self.input_name, self.output_name = input_name, output_name
         self.precision = precision
         self.max_batch = max_batch

@@ -47,6 +47,7 @@ class ExportOptions:
     source: Path
     out: Path
     fp16: bool = False
+    fp16_policy: str = "matmul"  # see fp16.POLICIES
     trt: bool | None = None  # None: build when --fp16 and TensorRT and a GPU are present
     min_batch: int = 1
     trt_profiles: tuple[tensorrt.Profile, ...] = ()  # empty: tensorrt.default_profiles of the batch range
@@ -76,6 +77,8 @@ class ExportOptions:
         if self.max_batch < self.min_batch:
             raise VitDeployError(f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise --max-batch")
         tensorrt.check_profiles(self.profiles, self.min_batch, self.max_batch)
+        if self.fp16_policy not in fp16.POLICIES:
+            raise VitDeployError(f"unknown --fp16-policy {self.fp16_policy!r}; choose {' or '.join(fp16.POLICIES)}")
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
 
@@ -282,6 +285,8 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
             "parity": {"backend": "ort-cpu", **metrics},
             "tensorrt_preflight": check,
         }
+        if precision == "fp16":
+            record["fp16_policy"] = options.fp16_policy
         if cuda_metrics is not None:
             record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
         artifacts.append(record)
@@ -295,10 +300,16 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     verify_onnx("model.onnx", "fp32", ["model.onnx.data"] if external else [])
 
     if options.fp16:
-        say("converting to mixed fp16 (MatMul/Gemm/Conv in fp16; LayerNorm, Softmax, logits in fp32)")
-        floats = fp16.float_tensors(onnx.load(str(staging / "model.onnx"), load_external_data=False))
-        low = fp16.convert_to_mixed_fp16(onnx.load(str(staging / "model.onnx")), floats)
-        low_external = external  # fp16 halves only the matmul weights: keep the fp32 decision
+        say(f"converting to fp16, policy {options.fp16_policy}: {fp16.POLICIES[options.fp16_policy]}")
+        if options.fp16_policy == "activations":
+            if external:
+                raise VitDeployError("--fp16-policy activations needs the whole graph in memory and this model's weights "
+                                     "exceed 1 GiB; use --fp16-policy matmul")
+            low = fp16.convert_activations_to_fp16(onnx.load(str(staging / "model.onnx")))
+        else:
+            floats = fp16.float_tensors(onnx.load(str(staging / "model.onnx"), load_external_data=False))
+            low = fp16.convert_to_mixed_fp16(onnx.load(str(staging / "model.onnx")), floats)
+        low_external = external  # fp16 halves only the weights: keep the fp32 decision
         trt_compat.save_graph(low, staging / "model_fp16.onnx", "model_fp16.onnx.data" if low_external else None)
         verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
 
