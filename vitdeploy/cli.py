@@ -360,6 +360,7 @@ def bench(
     max_abs_diff: Annotated[Optional[float], typer.Option(help="Largest allowed |logit - reference|. [default: 1e-3 for fp32, not enforced for fp16/bf16]")] = None,
     tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this. [default: 2e-3 fp32, 0.5 fp16, 1.0 bf16]")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points. [default: 0 fp32, 0.1 fp16, 0.3 bf16]")] = None,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs (one per timed batch size) on the GPU backends trt, ort-cuda and pytorch; each graph is checked against the run without it first.")] = False,
 ) -> None:
     """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
     from vitdeploy.bench.report import write_reports
@@ -372,7 +373,7 @@ def bench(
         batch_sizes=_csv(batch_sizes, "--batch-sizes", int), modes=modes,
         policy=TimingPolicy(warmup, min_iters, min_seconds, max_seconds), limit=limit, data_dir=data_dir,
         threads=threads, compile=compile, checkpoint=checkpoint, max_abs=max_abs_diff, margin=tie_margin,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, cuda_graph=cuda_graph,
     )
     folder = out or artifacts
     check_output_dir(folder, "--out" if out else "--out (default: the artifact folder)")  # before the long parity run
@@ -460,6 +461,7 @@ def serve(
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeat for several). [default: CORS off]")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend).")] = None,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs on the GPU backends (trt, ort-cuda, pytorch): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
@@ -478,7 +480,7 @@ def serve(
         max_body_bytes=int(max_body_mb * 2**20), max_images_per_request=max_images_per_request, timeout_s=timeout_s,
         read_timeout_s=read_timeout_s, max_connections=max_connections,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), threads=threads,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, cuda_graph=cuda_graph,
     )
     application = create_app(config)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

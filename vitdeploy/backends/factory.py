@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,18 +19,28 @@ from vitdeploy.tensorrt_runtime import default_profiles
 BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 
 
+GRAPH_BACKENDS = ("pytorch", "ort-cuda", "trt")
+
+
 def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None,
-                 compile: bool = False, checkpoint: Path | None = None) -> Backend:
+                 compile: bool = False, checkpoint: Path | None = None, cuda_graph: bool = False,
+                 graph_buckets: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> Backend:
     """The backend `name` for the artifact of `precision` in `folder` (not yet activated).
 
     `threads` sets the CPU threads of ort-cpu (intra-op) and of pytorch on the CPU;
-    `checkpoint` overrides where the pytorch backend finds the training checkpoint.
+    `checkpoint` overrides where the pytorch backend finds the training checkpoint;
+    `cuda_graph` replays CUDA graphs per batch-size bucket (`graph_buckets`, or each batch
+    size when None) on the GPU backends, saying through `say` where a graph cannot be used.
     """
     folder = Path(folder)
     if name not in BACKENDS:
         raise VitDeployError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    graphs = {"cuda_graph": cuda_graph, "graph_buckets": graph_buckets, "say": say}
+    if cuda_graph and (name not in GRAPH_BACKENDS or (name == "pytorch" and not torch.cuda.is_available())):
+        where = "runs on the CPU here" if name == "pytorch" else "is not one of them"
+        raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(GRAPH_BACKENDS)}; {name} {where}")
     if name == "pytorch":
-        return _pytorch(manifest, precision, threads, compile, checkpoint)
+        return _pytorch(manifest, precision, threads, compile, checkpoint, graphs)
     kind = "tensorrt" if name == "trt" else "onnx"
     artifact = find_artifact(manifest, kind, precision)
     if artifact is None:
@@ -39,17 +50,18 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
     if name == "trt":
         from vitdeploy.backends.trt import TrtBackend
 
-        return TrtBackend(artifact_path(folder, artifact), artifact)
+        return TrtBackend(artifact_path(folder, artifact), artifact, **graphs)
     from vitdeploy.backends.ort import OrtBackend
 
     engine = find_artifact(manifest, "tensorrt", precision)
     profiles = engine["profiles"] if engine is not None else [
         {"min": lo, "opt": opt, "max": hi} for lo, opt, hi in default_profiles(manifest["batch"]["min"], manifest["batch"]["max"])]
     return OrtBackend(artifact_path(folder, artifact), name.split("-")[1], threads=threads, precision=precision,
-                      max_batch=manifest["batch"]["max"], trt_profiles=profiles, input_shape=manifest["input"]["shape"])
+                      max_batch=manifest["batch"]["max"], trt_profiles=profiles, input_shape=manifest["input"]["shape"], **graphs)
 
 
-def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, compile: bool, checkpoint: Path | None) -> Backend:
+def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, compile: bool, checkpoint: Path | None,
+             graphs: dict[str, Any]) -> Backend:
     from vitdeploy.backends.pytorch import TorchBackend
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.models import model_from_checkpoint
@@ -66,7 +78,7 @@ def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, comp
         raise VitDeployError(f"the pytorch backend in {precision} needs a CUDA GPU; use --precision fp32 here")
     if threads and device == "cpu":
         torch.set_num_threads(threads)
-    return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision, compile)
+    return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision, compile, **graphs)
 
 
 def _same_file(path: Path, sha256: str) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 import torch  # imported before onnxruntime: loads the CUDA libraries from the torch wheels before onnxruntime looks for them
 
 from vitdeploy.backends.base import Backend
+from vitdeploy.backends.graphs import GraphSet
 from vitdeploy.errors import VitDeployError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -49,7 +50,8 @@ class OrtBackend(Backend):
     def __init__(self, onnx_path: Path, device: str = "cpu", threads: int | None = None, optimization: str = "all",
                  input_name: str = "input", output_name: str = "logits", precision: str = "fp32",
                  max_batch: int | None = None, trt_profiles: list[dict[str, int]] | None = None,
-                 input_shape: list[Any] | None = None) -> None:
+                 input_shape: list[Any] | None = None, cuda_graph: bool = False,
+                 graph_buckets: tuple[int, ...] | None = None, say: Any = print) -> None:
         if device not in PROVIDERS:
             raise VitDeployError(f"unknown ONNX Runtime device {device!r}; use cpu, cuda or trt")
         self.name = f"ort-{device}"
@@ -66,8 +68,14 @@ class OrtBackend(Backend):
         self.trt_profiles = trt_profiles or []
         self.input_shape = input_shape
         self.provider_options: dict[str, str] = {}
-        self.session = None
+        self.session = self.graph_session = None
         self.num_classes = 0
+        self.graphs = None
+        self.say = say
+        if cuda_graph:
+            if device != "cuda":
+                raise VitDeployError(f"--cuda-graph is for the GPU backends trt, ort-cuda and pytorch, not {self.name}")
+            self.graphs = GraphSet("ort-cuda", self._static, CallGraph, graph_buckets, exact=True, say=say)
 
     def activate(self) -> None:
         ort = _ort()
@@ -97,6 +105,14 @@ class OrtBackend(Backend):
         self.num_classes = int(self.session.get_outputs()[0].shape[1])
         if self.device == "trt":
             self._check_all_nodes_in_tensorrt()
+        if self.graphs is not None:  # a second session that captures: one graph per gpu_graph_id
+            try:
+                self.graph_session = ort.InferenceSession(
+                    str(self.onnx_path), sess_options=session_options(self.threads, self.optimization),
+                    providers=[(provider, {"enable_cuda_graph": "1"})])
+            except Exception as exc:  # noqa: BLE001
+                self.graphs = None
+                self.say(f"ort-cuda: no CUDA graphs ({str(exc).splitlines()[0]}); running without them")
 
     def _trt_options(self) -> dict[str, str]:
         """TensorRT provider options: caches inside the artifact folder, the manifest's profiles,
@@ -139,16 +155,28 @@ class OrtBackend(Backend):
             raise VitDeployError(f"batch of {len(images)} exceeds the exported maximum {self.max_batch}; re-export with a larger --max-batch")
 
     def infer(self, images: np.ndarray) -> np.ndarray:
+        self._check(images)
+        if self.graphs is not None:
+            logits = self.graphs.run(images)
+            if logits is not None:
+                return logits
         if not self.device_mode:
-            self._check(images)
             return self.session.run([self.output_name], {self.input_name: images})[0]
-        binding, _, out = self.stage(images)  # checks the batch
+        binding, _, out = self._bind(images)
         self.session.run_with_iobinding(binding)
         return out.cpu().numpy()
 
-    def stage(self, images: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """An I/O binding whose input and output are CUDA buffers (the tensors are kept alive with it)."""
+    def stage(self, images: np.ndarray) -> Any:
+        """An I/O binding whose input and output are CUDA buffers (the tensors are kept alive with it),
+        or the loaded CUDA-graph bucket."""
         self._check(images)
+        if self.graphs is not None:
+            entry = self.graphs.staged(images)
+            if entry is not None:
+                return entry
+        return self._bind(images)
+
+    def _bind(self, images: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(images)).to("cuda")
         out = torch.empty((len(images), self.num_classes), dtype=torch.float32, device="cuda")
         torch.cuda.current_stream().synchronize()  # the input is on the device before ONNX Runtime's stream reads it
@@ -157,17 +185,79 @@ class OrtBackend(Backend):
         binding.bind_output(self.output_name, "cuda", out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
         return binding, x, out
 
-    def run_staged(self, staged: tuple[Any, torch.Tensor, torch.Tensor]) -> None:
-        self.session.run_with_iobinding(staged[0])  # returns when the CUDA work has finished
+    def run_staged(self, staged: Any) -> None:
+        if isinstance(staged, tuple):
+            self.session.run_with_iobinding(staged[0])  # returns when the CUDA work has finished
+        else:
+            staged.graph.replay()
+
+    def _static(self, bucket: int) -> _OrtStatic:
+        return _OrtStatic(self, bucket, len(self.graphs.entries))
 
     def deactivate(self) -> None:
-        self.session = None
+        self.session = self.graph_session = None
 
     def describe(self) -> dict[str, Any]:
         ort = _ort()
         return {"name": self.name, "device": self.device, "precision": self.precision, "onnxruntime": ort.__version__,
                 "threads": self.threads, "graph_optimization": self.optimization, "model": self.onnx_path.name,
-                **({"provider_options": self.provider_options} if self.provider_options else {})}
+                **({"provider_options": self.provider_options} if self.provider_options else {}),
+                "cuda_graph": self.graphs.describe() if self.graphs else False}
+
+
+class CallGraph:
+    """ONNX Runtime captures its CUDA graph itself (on the first run with a gpu_graph_id):
+    capturing is that run, replaying is running again with the same id."""
+
+    def __init__(self) -> None:
+        self.work = None
+
+    def capture(self, work: Any) -> None:
+        work()
+        self.work = work
+
+    def replay(self) -> None:
+        self.work()
+
+
+class _OrtStatic:
+    """One bucket's fixed OrtValues (torch CUDA buffers) bound to the capturing session."""
+
+    def __init__(self, backend: OrtBackend, bucket: int, graph_id: int) -> None:
+        self.backend, self.bucket = backend, bucket
+        self.x: torch.Tensor | None = None
+        self.out = torch.empty((bucket, backend.num_classes), dtype=torch.float32, device="cuda")
+        self.run_options = _ort().RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.binding = None
+
+    def load(self, images: np.ndarray) -> None:
+        host = torch.from_numpy(np.ascontiguousarray(images))
+        if self.x is None:
+            self.x = torch.zeros((self.bucket, *host.shape[1:]), dtype=host.dtype, device="cuda")
+            b = self.backend
+            self.binding = b.graph_session.io_binding()
+            self.binding.bind_input(b.input_name, "cuda", 0, images.dtype, tuple(self.x.shape), self.x.data_ptr())
+            self.binding.bind_output(b.output_name, "cuda", 0, np.float32, tuple(self.out.shape), self.out.data_ptr())
+        self.x.zero_()
+        self.x[: len(images)].copy_(host)
+        torch.cuda.current_stream().synchronize()  # ONNX Runtime's stream reads the input next
+
+    def reference(self) -> np.ndarray:
+        """The same bucket on the session without graphs."""
+        b = self.backend
+        return b.session.run([b.output_name], {b.input_name: self.x.cpu().numpy()})[0]
+
+    def capture(self, graph: CallGraph) -> None:
+        try:
+            graph.capture(lambda: self.backend.graph_session.run_with_iobinding(self.binding, self.run_options))
+        except Exception as exc:
+            raise RuntimeError(f"{str(exc).splitlines()[0]} (ONNX Runtime captures a graph only when every node runs "
+                               "on the CUDA provider with no host copies)") from exc
+
+    def read(self, rows: int) -> np.ndarray:
+        torch.cuda.synchronize()
+        return self.out[:rows].cpu().numpy()
 
 
 def nodes_outside(profile: list[dict[str, Any]], provider: str) -> list[str]:

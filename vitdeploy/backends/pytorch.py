@@ -9,29 +9,41 @@ import torch
 from torch import nn
 
 from vitdeploy.backends.base import Backend
-from vitdeploy.preprocess import Preprocess, Preprocessing
+from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph
+from vitdeploy.errors import VitDeployError
 from vitdeploy.precision import DTYPES
+from vitdeploy.preprocess import Preprocess, Preprocessing
 
 
 class TorchBackend(Backend):
     """Eager (or `torch.compile`d) PyTorch on uint8 images, in fp32 (the reference), fp16 or bf16.
 
     fp32 on a GPU is strict fp32: TF32 is turned off while the backend is active, so the
-    reference is not itself a reduced-precision result.
+    reference is not itself a reduced-precision result. With `cuda_graph`, eager runs
+    replay one captured `torch.cuda.graph` per batch-size bucket (`graphs.GraphSet`), and
+    compiled runs use `torch.compile(mode="reduce-overhead")`, which captures its own.
     """
 
     name = "pytorch"
 
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, device: str = "cpu", precision: str = "fp32",
-                 compile: bool = False) -> None:
+                 compile: bool = False, cuda_graph: bool = False, graph_buckets: tuple[int, ...] | None = None,
+                 say: Any = print) -> None:
         self.model = model
         self.preprocess = Preprocess(preprocessing)
         self.device = torch.device(device)
         self.precision = precision
         self.compile = compile
+        self.cuda_graph = cuda_graph
+        if cuda_graph and self.device.type != "cuda":
+            raise VitDeployError("--cuda-graph needs a GPU backend; pytorch runs on the CPU here")
         self.device_mode = self.device.type == "cuda"
+        self.graphs = None
+        if cuda_graph and not compile:
+            self.graphs = GraphSet("pytorch", self._static, self._new_graph, graph_buckets, exact=False, say=say)
         self._forward = None
         self._tf32: tuple[bool, bool] | None = None
+        self._stream = None
 
     def activate(self) -> None:
         self.model.eval().to(self.device)
@@ -39,28 +51,51 @@ class TorchBackend(Backend):
         if self.device.type == "cuda" and self.precision == "fp32":
             self._tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        self._forward = torch.compile(self.model) if self.compile else self.model
+        if self.compile:
+            self._forward = torch.compile(self.model, mode="reduce-overhead" if self.cuda_graph else "default")
+        else:
+            self._forward = self.model
+        if self.graphs is not None:
+            self._stream = torch.cuda.Stream(self.device)
 
     @torch.no_grad()
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+    def _logits(self, images: torch.Tensor, cache_enabled: bool = True) -> torch.Tensor:
         x = self.preprocess(images)
         if self.precision == "fp32":
             return self._forward(x)
-        with torch.autocast(self.device.type, dtype=DTYPES[self.precision]):
+        # Autocast's weight cast cache must be off while a CUDA graph is captured.
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], cache_enabled=cache_enabled):
             return self._forward(x)
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         if self._forward is None:
             raise RuntimeError("activate() the backend first")
+        if self.graphs is not None:
+            logits = self.graphs.run(images)
+            if logits is not None:
+                return logits
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         return self._logits(x).float().cpu().numpy()
 
-    def stage(self, images: np.ndarray) -> torch.Tensor:
+    def stage(self, images: np.ndarray) -> Any:
+        if self.graphs is not None:
+            entry = self.graphs.staged(images)
+            if entry is not None:
+                return entry
         return torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
 
-    def run_staged(self, staged: torch.Tensor) -> None:
-        self._logits(staged)
+    def run_staged(self, staged: Any) -> None:
+        if isinstance(staged, torch.Tensor):
+            self._logits(staged)
+        else:
+            staged.graph.replay()
         torch.cuda.synchronize(self.device)
+
+    def _new_graph(self) -> TorchCudaGraph:
+        return TorchCudaGraph(self._stream)
+
+    def _static(self, bucket: int) -> _TorchStatic:
+        return _TorchStatic(self, bucket)
 
     def deactivate(self) -> None:
         if self._tf32 is not None:
@@ -69,5 +104,45 @@ class TorchBackend(Backend):
         self._forward = None
 
     def describe(self) -> dict[str, Any]:
+        graph: Any = False
+        if self.cuda_graph:
+            graph = "torch.compile mode=reduce-overhead" if self.compile else self.graphs.describe()
         return {"name": self.name, "device": str(self.device), "precision": self.precision, "torch": torch.__version__,
-                "compiled": self.compile, "threads": torch.get_num_threads() if self.device.type == "cpu" else None}
+                "compiled": self.compile, "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                "cuda_graph": graph}
+
+
+class _TorchStatic:
+    """One bucket's static input and output for a captured eager forward pass."""
+
+    def __init__(self, backend: TorchBackend, bucket: int) -> None:
+        self.backend, self.bucket = backend, bucket
+        self.x: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+    def load(self, images: np.ndarray) -> None:
+        host = torch.from_numpy(np.ascontiguousarray(images))
+        if self.x is None:
+            self.x = torch.zeros((self.bucket, *host.shape[1:]), dtype=host.dtype, device=self.backend.device)
+        self.x.zero_()
+        self.x[: len(images)].copy_(host)
+
+    def _run(self) -> None:
+        self.out = self.backend._logits(self.x, cache_enabled=False)
+
+    def reference(self) -> np.ndarray:
+        self._run()
+        return self.out.float().cpu().numpy()
+
+    def capture(self, graph: TorchCudaGraph) -> None:
+        side = graph.stream
+        side.wait_stream(torch.cuda.current_stream(self.backend.device))
+        with torch.cuda.stream(side):  # warm-up on the capture stream, as torch.cuda.graph asks
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream(self.backend.device).wait_stream(side)
+        graph.capture(self._run)
+
+    def read(self, rows: int) -> np.ndarray:
+        torch.cuda.synchronize(self.backend.device)
+        return self.out[:rows].float().cpu().numpy()

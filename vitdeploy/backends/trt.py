@@ -6,6 +6,11 @@ throughput). One execution context per profile is created once, bound to its pro
 and all of them share one device-memory block sized for the largest (USER_MANAGED
 allocation), since one backend never runs two at once. Each batch runs on the context of
 the narrowest profile that holds it.
+
+With `cuda_graph`, each batch-size bucket gets static buffers and one CUDA graph per
+(context, bucket): shapes and addresses are set, `execute_async_v3` runs once (TensorRT
+needs one run before capture), then the enqueue is captured on the backend's own
+(non-default) stream; see `graphs.GraphSet` for the checks and the fallback.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 
 from vitdeploy.backends.base import Backend
+from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph
 from vitdeploy.errors import VitDeployError
 from vitdeploy.tensorrt_runtime import choose_profile, deserialize, import_tensorrt
 
@@ -29,7 +35,9 @@ class TrtBackend(Backend):
     device_mode = True
 
     def __init__(self, engine_path: Path, record: dict[str, Any], input_name: str = "input", output_name: str = "logits",
-                 stream_factory: Callable[[], Any] | None = None, allocate: Callable[[int], Any] | None = None) -> None:
+                 stream_factory: Callable[[], Any] | None = None, allocate: Callable[[int], Any] | None = None,
+                 cuda_graph: bool = False, graph_buckets: tuple[int, ...] | None = None,
+                 graph_factory: Callable[[], Any] | None = None, say: Callable[[str], None] = print) -> None:
         self.engine_path = Path(engine_path)
         self.record = record
         self.profiles: list[dict[str, int]] = list(record["profiles"])
@@ -39,6 +47,10 @@ class TrtBackend(Backend):
         self.engine = self.stream = self.memory = None
         self.contexts: list[Any] = []
         self.last_profile: int | None = None
+        self.graphs = None
+        if cuda_graph:
+            self.graphs = GraphSet("trt", lambda bucket: _TrtStatic(self, bucket),
+                                   graph_factory or (lambda: TorchCudaGraph(self.stream)), graph_buckets, exact=True, say=say)
 
     def activate(self) -> None:
         if self.stream_factory is torch.cuda.Stream and not torch.cuda.is_available():
@@ -76,8 +88,15 @@ class TrtBackend(Backend):
         self.last_profile = index
         return self.contexts[index]
 
-    def stage(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch on the device and an output buffer of the engine's shape for it."""
+    def stage(self, images: np.ndarray) -> Any:
+        """The batch on the device (and an output buffer), or its loaded CUDA-graph bucket."""
+        if self.graphs is not None:
+            entry = self.graphs.staged(images)
+            if entry is not None:
+                return entry
+        return self._stage_eager(images)
+
+    def _stage_eager(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         context = self.context_for(len(images))
         with torch.cuda.stream(self.stream):
             x = torch.from_numpy(np.ascontiguousarray(images)).to("cuda", non_blocking=True)
@@ -99,14 +118,21 @@ class TrtBackend(Backend):
             raise VitDeployError("TensorRT execution failed (see its log above)")
 
     def infer(self, images: np.ndarray) -> np.ndarray:
-        x, out = self.stage(images)
+        if self.graphs is not None:
+            logits = self.graphs.run(images)
+            if logits is not None:
+                return logits
+        x, out = self._stage_eager(images)
         with torch.cuda.stream(self.stream):
             self._execute(x, out)
             result = out.cpu()  # copied on the engine's stream, then synchronized
         return result.numpy()
 
-    def run_staged(self, staged: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self._execute(*staged)
+    def run_staged(self, staged: Any) -> None:
+        if isinstance(staged, tuple):
+            self._execute(*staged)
+        else:
+            staged.graph.replay()
         self.stream.synchronize()
 
     def deactivate(self) -> None:
@@ -116,4 +142,44 @@ class TrtBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "device": self.record.get("gpu"), "precision": self.record.get("precision"),
                 "tensorrt": self.record.get("tensorrt_version"), "profiles": self.profiles,
-                "last_profile": self.last_profile}
+                "last_profile": self.last_profile, "cuda_graph": self.graphs.describe() if self.graphs else False}
+
+
+class _TrtStatic:
+    """One bucket's static input/output and the context of the profile that holds it."""
+
+    def __init__(self, backend: TrtBackend, bucket: int) -> None:
+        self.backend, self.bucket = backend, bucket
+        self.context = backend.context_for(bucket)
+        self.x: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+    def load(self, images: np.ndarray) -> None:
+        host = torch.from_numpy(np.ascontiguousarray(images))
+        with torch.cuda.stream(self.backend.stream):
+            if self.x is None:
+                self.x = torch.zeros((self.bucket, *host.shape[1:]), dtype=host.dtype, device="cuda")
+                self.backend._set_shape(self.context, tuple(self.x.shape))
+                self.out = torch.empty(tuple(self.context.get_tensor_shape(self.backend.output_name)),
+                                       dtype=torch.float32, device="cuda")
+            self.x.zero_()
+            self.x[: len(images)].copy_(host, non_blocking=False)
+
+    def _run(self) -> None:
+        b = self.backend
+        b._set_shape(self.context, tuple(self.x.shape))
+        self.context.set_tensor_address(b.input_name, self.x.data_ptr())
+        self.context.set_tensor_address(b.output_name, self.out.data_ptr())
+        if not self.context.execute_async_v3(b.stream.cuda_stream):
+            raise VitDeployError("TensorRT execution failed (see its log above)")
+
+    def reference(self) -> np.ndarray:
+        self._run()  # also the run TensorRT needs before a capture
+        return self.read(self.bucket)
+
+    def capture(self, graph: Any) -> None:
+        graph.capture(self._run)
+
+    def read(self, rows: int) -> np.ndarray:
+        self.backend.stream.synchronize()
+        return self.out[:rows].cpu().numpy()

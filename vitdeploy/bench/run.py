@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vitdeploy.backends.base import Backend, run_batches
-from vitdeploy.backends.factory import BACKENDS, model_input, open_backend
+from vitdeploy.backends.factory import BACKENDS, GRAPH_BACKENDS, model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
@@ -52,6 +52,7 @@ class BenchOptions:
     max_abs: float | None = None
     margin: float | None = None
     max_accuracy_drop: float | None = None
+    cuda_graph: bool = False
 
     def validate(self, manifest: dict[str, Any]) -> None:
         unknown = [b for b in self.backends if b not in (*BACKENDS, "all")]
@@ -73,6 +74,12 @@ class BenchOptions:
             raise VitDeployError("--threads must be at least 1")
         if not self.modes or any(m not in MODES for m in self.modes):
             raise VitDeployError(f"--mode must be one of {', '.join(MODES)} or both")
+        if self.cuda_graph:
+            cpu_only = [b for b in self.backends if b not in (*GRAPH_BACKENDS, "all")
+                        or (b == "pytorch" and not torch.cuda.is_available())]
+            if cpu_only:
+                raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(GRAPH_BACKENDS)}; "
+                                     f"{cpu_only[0]} cannot use one here (leave it out, or drop --cuda-graph)")
 
     def sizes(self, manifest: dict[str, Any]) -> tuple[int, ...]:
         """The batch sizes to time: those asked for, or the defaults the artifacts accept."""
@@ -175,11 +182,12 @@ def run_bench(options: BenchOptions, say: Say = print,
     say(f"accuracy and parity on {n} CIFAR-10 test images from {data_dir}; timing batch sizes "
         f"{', '.join(map(str, batch_sizes))}")
 
-    def open_(name: str, precision: str, compile: bool) -> Backend:
+    def open_(name: str, precision: str, compile: bool, graphs: bool = False) -> Backend:
+        graphs = graphs and name in GRAPH_BACKENDS and (name != "pytorch" or torch.cuda.is_available())
         return open_backend(options.artifacts, manifest, name, precision, threads=options.threads, compile=compile,
-                            checkpoint=options.checkpoint)
+                            checkpoint=options.checkpoint, cuda_graph=graphs, say=say)
 
-    with open_("pytorch", "fp32", compile=False) as reference:  # the reference is always eager fp32
+    with open_("pytorch", "fp32", compile=False) as reference:  # the reference is always eager fp32, without graphs
         ref_logits = run_batches(reference, images, eval_batch)
 
     records: list[dict[str, Any]] = []
@@ -206,9 +214,9 @@ def run_bench(options: BenchOptions, say: Say = print,
         "passed": True,
     }
     for name, precision in runs:
-        with open_(name, precision, compile=options.compile and name == "pytorch") as backend:
+        with open_(name, precision, compile=options.compile and name == "pytorch", graphs=options.cuda_graph) as backend:
             described = backend.describe()
-            if (name, precision) == ("pytorch", "fp32") and not options.compile:
+            if (name, precision) == ("pytorch", "fp32") and not options.compile and not options.cuda_graph:
                 logits = ref_logits  # it is the reference
             else:
                 logits = run_batches(backend, model_input(manifest, images, name), eval_batch)
@@ -229,7 +237,7 @@ def run_bench(options: BenchOptions, say: Say = print,
                     else:
                         timing = measure(end_to_end, batches, options.policy)
                     record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
-                    record["trt_profile"] = backend.describe().get("last_profile")  # which optimization profile ran
+                    record.update(_ran(backend.describe()))
                     records.append(record)
                     if progress is not None:
                         progress(report)
@@ -243,6 +251,17 @@ def run_bench(options: BenchOptions, say: Say = print,
     report["complete"] = True
     report["passed"] = all(p["passed"] for p in parity)
     return report
+
+
+def _ran(described: dict[str, Any]) -> dict[str, Any]:
+    """What actually ran for the last measurement: the TensorRT profile, and whether (and at
+    which bucket) a CUDA graph replayed."""
+    graph = described.get("cuda_graph") or False
+    if isinstance(graph, dict):
+        ran, bucket = graph["last_bucket"] is not None, graph["last_bucket"]
+    else:
+        ran, bucket = bool(graph), None  # torch.compile's reduce-overhead mode captures its own graphs
+    return {"trt_profile": described.get("last_profile"), "cuda_graph": ran, "graph_bucket": bucket}
 
 
 def _record(name: str, precision: str, mode: str, batch_size: int, described: dict[str, Any], timing: dict[str, Any],

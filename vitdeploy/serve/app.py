@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vitdeploy import predictions
 from vitdeploy.backends.base import Backend
 from vitdeploy.backends.factory import model_input, open_backend
+from vitdeploy.backends.graphs import power_of_two_buckets
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import decode_image
 from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
@@ -112,11 +113,13 @@ def model_description(config: ServeConfig) -> dict[str, Any]:
 def load_backend(config: ServeConfig, manifest: dict[str, Any]) -> Backend:
     """The served backend, activated and warmed up (first-call allocations, kernel choices)."""
     size: int = manifest["preprocessing"]["source_size"]
+    buckets = power_of_two_buckets(config.max_batch) if config.cuda_graph else None
     backend = open_backend(config.artifacts, manifest, config.backend, config.precision, threads=config.threads,
-                           checkpoint=config.checkpoint)
+                           checkpoint=config.checkpoint, cuda_graph=config.cuda_graph, graph_buckets=buckets,
+                           say=log.warning)
     backend.activate()
     try:
-        for n in sorted({1, config.max_batch}):
+        for n in buckets or sorted({1, config.max_batch}):  # with graphs, every bucket is captured and checked now
             backend.infer(model_input(manifest, np.zeros((n, 3, size, size), np.uint8), config.backend))
     except Exception as exc:  # noqa: BLE001 - each runtime raises its own types
         backend.deactivate()
@@ -282,7 +285,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "backend": backend.describe(),
             "serving": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue,
                         "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s,
-                        "read_timeout_s": config.read_timeout_s},
+                        "read_timeout_s": config.read_timeout_s, "cuda_graph": config.cuda_graph},
         }
 
     @app.get("/metrics")

@@ -31,6 +31,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     threads: int | None = None
     checkpoint: Path | None = None
+    cuda_graph: bool = False
 
     @property
     def shutdown_timeout_s(self) -> int:
