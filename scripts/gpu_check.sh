@@ -63,12 +63,29 @@ with open(path + ".lock", "w") as lock:
 PYEOF
   tar -cf "$OUT/.results.tar.$name" -C "$RES" . && mv -f "$OUT/.results.tar.$name" "$OUT/results.tar"
   echo "=== $name: rc=$rc after $((SECONDS - start))s" >>"$LOG"
+  return "$rc"
+}
+
+# skipped NAME REASON: record a selected section that was not run, and why.
+skipped() {
+  case ",${GPU_CHECK_SECTIONS:-$1}," in *",$1,"*) ;; *) return 0 ;; esac
+  echo "=== $1: skipped: $2" >>"$LOG"
+  "$PY" - "$OUT/sections.json" "$1" "$2" <<'PYEOF'
+import json, sys
+path, name, reason = sys.argv[1:]
+try:
+    record = json.load(open(path))
+except (OSError, ValueError):
+    record = {"sections": []}
+record["sections"].append({"section": name, "status": "skipped", "reason": reason})
+json.dump(record, open(path, "w"), indent=2)
+PYEOF
 }
 
 section env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true; \
   $PY -m vitdeploy info --json > '$RES/env.json'"
 
-if [ ! -f "$DATA/cifar-10-batches-py/data_batch_5" ]; then
+if [ ! -f "$DATA/cifar-10-batches-py/test_batch" ] && [ -f .gpu/compact/unpack.py ]; then
   section data 40 "$PY" .gpu/compact/unpack.py "$DATA"
 fi
 
@@ -129,5 +146,52 @@ ddp_check() {
 export -f ddp_check
 export PY RES W DATA DEVICE
 section ddp 120 bash -c ddp_check
+
+# Issue 11: ONNX Runtime CUDA, from the onnxruntime-gpu wheel carried in parts (docs/gpu-plan.md: the last
+# of several back-to-back runs). A 10-second probe decides: without a working CUDA session every ORT
+# section is recorded as skipped with the probe's reason. ORT sections: about 150 s in all.
+ORT_PARTS=${GPU_CHECK_ORT_PARTS:-.gpu/ort}
+if [ "$SMOKE" = 1 ]; then
+  ORT_BACKEND=ort-cpu; GRAPH=(); ORT_PARITY=20; B16_ORT=vit_cifar_tiny; ORT_SIZES=1,4; SMALL_SIZES=1,4; ACT_SIZES=4
+  ORT_TIME=(--min-iters 2 --max-seconds 0.3); ORT_BUDGETS=(300 200)  # 2 CPU cores: the same steps, slower
+else
+  ORT_BACKEND=ort-cuda; GRAPH=(--cuda-graph); ORT_PARITY=2000; B16_ORT=vit_b_16; ORT_SIZES=1,8,32; SMALL_SIZES=1,8,32,128
+  ACT_SIZES=32,128; ORT_TIME=(--max-seconds 1.5); ORT_BUDGETS=(80 70)
+fi
+# The small model: a run trained earlier in the same warm lease, else one carried with the last part, else random
+# weights made there (parity and latency only: accuracy is then chance).
+ORT_CKPT=$W/runs/cifar_small
+[ -f "$ORT_CKPT/best.pt" ] || ORT_CKPT=$ORT_PARTS/model.pt
+[ -f "$ORT_CKPT" ] || [ -d "$ORT_CKPT" ] || { ORT_CKPT=$W/runs/ort_small_random.pt; \
+  "$PY" scripts/gpu_ort.py random-checkpoint vit_cifar_small "$ORT_CKPT" --data-dir "$DATA" >>"$LOG" 2>&1; }
+if [ -f "$ORT_PARTS/wheel.json" ]; then
+  section ort_join 90 "$PY" scripts/gpu_ort.py join "$ORT_PARTS" --target /tmp/ort
+fi
+export PYTHONPATH="/tmp/ort:$PYTHONPATH"
+if section ort_probe 20 "$PY" scripts/gpu_ort.py probe --target /tmp/ort --json "$RES/ort_probe.json" || [ "$SMOKE" = 1 ]; then
+  section ort_small "${ORT_BUDGETS[0]}" bash -c "rm -rf $W/art/ort_small $W/art/ort_small_act \
+    && $PY -m vitdeploy export $ORT_CKPT --out $W/art/ort_small --fp16 --no-trt --parity-images $ORT_PARITY --data-dir '$DATA' \
+    && $PY -m vitdeploy export $ORT_CKPT --out $W/art/ort_small_act --fp16 --fp16-policy activations --no-trt \
+       --parity-images $ORT_PARITY --data-dir '$DATA' \
+    && cp $W/art/ort_small/manifest.json '$RES/ort_small_manifest.json' \
+    && $PY -m vitdeploy bench $W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES \
+       ${ORT_TIME[*]} --out '$RES/ort_small' \
+    && $PY -m vitdeploy bench $W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES \
+       ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/ort_small_graph' \
+    && $PY -m vitdeploy bench $W/art/ort_small_act --backend $ORT_BACKEND --precision fp16 --batch-sizes $ACT_SIZES \
+       ${ORT_TIME[*]} --out '$RES/ort_small_act'"
+  section ort_b16 "${ORT_BUDGETS[1]}" bash -c "rm -rf $W/art/ort_b16 \
+    && $PY scripts/gpu_ort.py random-checkpoint $B16_ORT $W/runs/ort_b16.pt --data-dir '$DATA' \
+    && $PY -m vitdeploy export $W/runs/ort_b16.pt --out $W/art/ort_b16 --fp16 --no-trt --max-batch 32 --parity-images 1000 \
+       --data-dir '$DATA' \
+    && $PY -m vitdeploy bench $W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES \
+       ${ORT_TIME[*]} --out '$RES/ort_b16' \
+    && $PY -m vitdeploy bench $W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES \
+       ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/ort_b16_graph'"
+else
+  reason="ONNX Runtime CUDA probe failed: $(cat "$RES/ort_probe.json" 2>/dev/null | tr '\n' ' ')"
+  skipped ort_small "$reason"
+  skipped ort_b16 "$reason"
+fi
 
 echo "results in $OUT:"; ls -1 "$OUT"; tar -tvf "$OUT/results.tar"

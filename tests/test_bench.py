@@ -61,7 +61,7 @@ def test_bench_all_on_cpu_writes_reports(exported: Path, cifar_root: Path, tmp_p
     assert report["schema"] == "vitdeploy-bench" and report["complete"] and report["passed"]
     assert {(r["backend"], r["precision"], r["mode"], r["batch_size"]) for r in report["records"]} == {
         (b, "fp32", "end-to-end", n) for b in ("pytorch", "ort-cpu") for n in (1, 4)}
-    assert {s["backend"] for s in report["skipped"]} == {"ort-cuda", "trt"}
+    assert {s["backend"] for s in report["skipped"]} == {"ort-cuda", "ort-trt", "trt"}
     assert all(s["reason"] for s in report["skipped"])
     assert "skipped ort-cuda" in result.stdout and "skipped trt" in result.stdout
     parity = {p["backend"]: p for p in report["parity"]}

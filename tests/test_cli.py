@@ -36,7 +36,7 @@ def test_help_version_and_models() -> None:
 def test_info_reports_backends_honestly() -> None:
     record = json.loads(run_cli("info", "--json").stdout)
     backends = {b["name"]: b for b in record["backends"]}
-    assert set(backends) == {"pytorch", "ort-cpu", "ort-cuda", "trt"}
+    assert set(backends) == {"pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt"}
     assert backends["pytorch"]["usable"]
     if not torch.cuda.is_available():
         assert not backends["ort-cuda"]["usable"] and "CUDA" in backends["ort-cuda"]["reason"]

@@ -261,8 +261,14 @@ def test_ort_cuda_refuses_a_silent_cpu_fallback(exported: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the fallback cannot be provoked here")
-    with pytest.raises(VitDeployError, match="fell back to CPUExecutionProvider|has no CUDAExecutionProvider"):
+    with pytest.raises(VitDeployError, match="ort-cuda needs a CUDA GPU and PyTorch sees none here"):
         OrtBackend(exported / "model.onnx", "cuda").activate()
+    # Where PyTorch sees a GPU but ONNX Runtime's CUDA libraries do not load, the session falls back: refused too.
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.raises(VitDeployError, match="fell back to CPUExecutionProvider|has no CUDAExecutionProvider"):
+            OrtBackend(exported / "model.onnx", "cuda").activate()
 
 
 def test_external_data_for_large_models(trained: Path, cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
