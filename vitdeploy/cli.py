@@ -56,6 +56,20 @@ class FP16Policy(str, Enum):
     activations = "activations"
 
 
+class CalibMethod(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class InferencePrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
 class Source(str, Enum):
     real = "real"
     synthetic = "synthetic"
@@ -300,6 +314,11 @@ def export(
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
     fp16_policy: Annotated[FP16Policy, typer.Option(help="fp16 graph: matmul (MatMul/Gemm/Conv in fp16, the rest fp32) or activations (all activations fp16, LayerNorm statistics and logits fp32).")] = FP16Policy.matmul,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write INT8 graphs: one for ort-cpu (form chosen by this CPU's instruction set) and one for TensorRT (symmetric Q/DQ), each gated on accuracy.")] = False,
+    calib_images: Annotated[int, typer.Option(help="Training images (outside the validation split) that calibrate INT8.")] = 512,
+    calib_method: Annotated[CalibMethod, typer.Option(help="INT8 calibration: ONNX Runtime's minmax, entropy or percentile calibrator.")] = CalibMethod.minmax,
+    int8_exclude: Annotated[Optional[list[str]], typer.Option(help="ONNX node name to keep float in INT8 (repeatable). [default: the classification head]")] = None,
+    int8_max_accuracy_drop: Annotated[float, typer.Option(help="Largest INT8 accuracy loss against PyTorch fp32, percentage points.")] = 1.0,
     trt_profile: Annotated[Optional[list[str]], typer.Option(help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch. [default: 1:1:1 and 2:min(32,max):max]")] = None,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N). [default: the full test set]")] = 10_000,
@@ -313,9 +332,12 @@ def export(
 ) -> None:
     """Export a trained model: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
+    from vitdeploy.export.int8 import Int8Options
 
     options = ExportOptions(
-        source=source, out=out, fp16=fp16, fp16_policy=fp16_policy.value, trt=trt, min_batch=min_batch, max_batch=max_batch,
+        source=source, out=out, fp16=fp16, fp16_policy=fp16_policy.value, trt=trt,
+        int8=int8, int8_options=Int8Options(calib_images, calib_method.value, tuple(int8_exclude or ())),
+        int8_max_accuracy_drop=int8_max_accuracy_drop, min_batch=min_batch, max_batch=max_batch,
         trt_profiles=tuple(_profile(text) for text in trt_profile or ()),
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
@@ -344,7 +366,7 @@ def _csv(text: str, flag: str, cast: type = str) -> tuple:
 def bench(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
     backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
-    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16. [default: pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda and trt every exported precision]")] = "",
+    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8. [default: pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision]")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time. [default: 1,8,32,128, those within the exported range]")] = "",
     mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,
@@ -410,7 +432,7 @@ def predict(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...), any size.")],
     backend: Annotated[BackendName, typer.Option(help="Which runtime to use.")] = BackendName.ort_cpu,
-    precision: Annotated[Precision, typer.Option(help="Which artifact: fp32 or fp16 (auto: fp32).")] = Precision.auto,
+    precision: Annotated[InferencePrecision, typer.Option(help="Which artifact: fp32, fp16 or int8 (auto: fp32).")] = InferencePrecision.auto,
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -429,7 +451,7 @@ def predict(
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
     size = manifest["preprocessing"]["source_size"]
     batch = np.stack([load_image_file(path, size) for path in images])
-    chosen = "fp32" if precision is Precision.auto else precision.value
+    chosen = "fp32" if precision is InferencePrecision.auto else precision.value
     with open_backend(artifacts, manifest, backend.value, chosen) as runner:
         logits = run_batches(runner, model_input(manifest, batch, backend.value), manifest["batch"]["max"])
     results = [{"image": str(path), "predictions": top_k_predictions(row, classes, top_k)}
@@ -446,7 +468,7 @@ def predict(
 def serve(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export` (with --backend pytorch also a run folder or checkpoint).")],
     backend: Annotated[BackendName, typer.Option(help="Which runtime serves.")] = BackendName.ort_cpu,
-    precision: Annotated[Precision, typer.Option(help="Which artifact (ONNX/TensorRT) or arithmetic (pytorch): fp32, fp16, bf16 (auto: fp32).")] = Precision.auto,
+    precision: Annotated[InferencePrecision, typer.Option(help="Which artifact (ONNX/TensorRT) or arithmetic (pytorch): fp32, fp16, bf16, int8 (auto: fp32).")] = InferencePrecision.auto,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Most images per backend call (within the exported batch range).")] = 32,
@@ -475,7 +497,7 @@ def serve(
     from vitdeploy.serve.config import ServeConfig
 
     config = ServeConfig(
-        artifacts=artifacts, backend=backend.value, precision="fp32" if precision is Precision.auto else precision.value,
+        artifacts=artifacts, backend=backend.value, precision="fp32" if precision is InferencePrecision.auto else precision.value,
         host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
         max_body_bytes=int(max_body_mb * 2**20), max_images_per_request=max_images_per_request, timeout_s=timeout_s,
         read_timeout_s=read_timeout_s, max_connections=max_connections,

@@ -193,6 +193,8 @@ def validate_manifest(manifest: Any) -> None:
         for j, record in enumerate(external):
             _file(record, f"{where}.external_data[{j}]")
         _choice(artifact, "status", ("passed", "failed"), where)
+        if artifact["precision"] == "int8":
+            _choice(_field(artifact, "int8", dict, where), "target", ("cpu", "tensorrt"), f"{where}.int8")
         if artifact["kind"] == "tensorrt":
             _field(artifact, "tensorrt_version", str, where)
             _field(artifact, "compute_capability", str, where)
@@ -205,9 +207,13 @@ def validate_manifest(manifest: Any) -> None:
                 p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profiles[{j}]")
                 _int(profile, "opt", p_lo, p_hi, f"{where}.profiles[{j}]")
 
-def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None) -> dict[str, Any] | None:
-    """The first artifact of `kind` ('onnx', 'tensorrt'), of `precision` when given."""
+def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None,
+                  backend: str | None = None) -> dict[str, Any] | None:
+    """The first artifact of `kind` ('onnx', 'tensorrt'), of `precision` when given; for INT8, the
+    graph meant for `backend` (the CPU form for ort-cpu, the TensorRT form for ort-trt and trt)."""
+    target = None if backend is None else "cpu" if backend == "ort-cpu" else "tensorrt"
     for artifact in manifest["artifacts"]:
         if artifact["kind"] == kind and (precision is None or artifact["precision"] == precision):
-            return artifact
+            if target is None or artifact["precision"] != "int8" or artifact["int8"]["target"] == target:
+                return artifact
     return None

@@ -58,6 +58,18 @@ def cuda_devices() -> list[dict[str, Any]]:
     return devices
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def device_record(device: torch.device) -> dict[str, Any]:
     """What a measurement ran on."""
     if device.type == "cuda":

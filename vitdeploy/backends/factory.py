@@ -15,6 +15,7 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import artifact_path, find_artifact, sha256_file
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.tensorrt_runtime import default_profiles
+from vitdeploy.versions import cpu_flags
 
 BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 
@@ -41,11 +42,14 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
         raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(GRAPH_BACKENDS)}; {name} {where}")
     if name == "pytorch":
         return _pytorch(manifest, precision, threads, compile, checkpoint, graphs)
+    if name == "ort-cuda" and precision == "int8":
+        raise VitDeployError("ort-cuda does not run INT8: ONNX Runtime's CUDA provider runs these quantized graphs no "
+                             "faster than fp16; use ort-cpu, ort-trt or trt for INT8, or ort-cuda with fp16")
     kind = "tensorrt" if name == "trt" else "onnx"
-    artifact = find_artifact(manifest, kind, precision)
+    artifact = find_artifact(manifest, kind, precision, name)
     if artifact is None:
         have = ", ".join(f"{a['kind']} {a['precision']}" for a in manifest["artifacts"])
-        hint = "--trt" if kind == "tensorrt" else "--fp16" if precision == "fp16" else ""
+        hint = "--trt" if kind == "tensorrt" else {"fp16": "--fp16", "int8": "--int8"}.get(precision, "")
         raise VitDeployError(f"{folder} has no {kind} {precision} artifact (it has: {have}); re-export with {hint}".rstrip())
     if name == "trt":
         from vitdeploy.backends.trt import TrtBackend
@@ -53,7 +57,13 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
         return TrtBackend(artifact_path(folder, artifact), artifact, **graphs)
     from vitdeploy.backends.ort import OrtBackend
 
-    engine = find_artifact(manifest, "tensorrt", precision)
+    if name == "ort-cpu" and precision == "int8":
+        required = artifact["int8"].get("cpu_int8_flags") or []
+        if required and not (cpu_flags() & set(required)):
+            say(f"warning: the INT8 graph was chosen for a CPU with {', '.join(required)}, which this CPU lacks: it runs, "
+                "but may be slower than fp32 here (re-export with --int8 on this kind of CPU)")
+
+    engine = find_artifact(manifest, "tensorrt", precision, name)
     profiles = engine["profiles"] if engine is not None else [
         {"min": lo, "opt": opt, "max": hi} for lo, opt, hi in default_profiles(manifest["batch"]["min"], manifest["batch"]["max"])]
     return OrtBackend(artifact_path(folder, artifact), name.split("-")[1], threads=threads, precision=precision,

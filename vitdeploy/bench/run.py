@@ -106,14 +106,22 @@ def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) 
         natural = ["fp32", "fp16", "bf16"] if cuda else ["fp32"]
         if not asked:
             return natural, []
-        return [p for p in asked if p in natural], [f"pytorch {p}: needs a CUDA GPU" for p in asked if p not in natural]
+        why = {"int8": "pytorch has no INT8 path (INT8 runs on ort-cpu, ort-trt and trt)"}
+        return [p for p in asked if p in natural], [why.get(p, f"pytorch {p}: needs a CUDA GPU") for p in asked if p not in natural]
     kind = "tensorrt" if name == "trt" else "onnx"
-    exported = [a["precision"] for a in manifest["artifacts"] if a["kind"] == kind]
+    exported = list(dict.fromkeys(a["precision"] for a in manifest["artifacts"] if a["kind"] == kind))
+    if name == "ort-cuda":
+        exported = [p for p in exported if p != "int8"]
     if not asked:
         return (["fp32"] if name == "ort-cpu" and "fp32" in exported else exported), []
-    fix = "re-export with --trt" if kind == "tensorrt" else "re-export with --fp16"
-    return ([p for p in asked if p in exported],
-            [f"{name} {p}: the artifacts have no {kind} {p} model ({fix})" for p in asked if p not in exported])
+    fixes = {"tensorrt": "re-export with --trt", "fp16": "re-export with --fp16", "int8": "re-export with --int8"}
+    reasons = []
+    for p in asked:
+        if p == "int8" and name == "ort-cuda":
+            reasons.append("ort-cuda int8: ONNX Runtime's CUDA provider runs these quantized graphs no faster than fp16")
+        elif p not in exported:
+            reasons.append(f"{name} {p}: the artifacts have no {kind} {p} model ({fixes.get(kind if kind == 'tensorrt' else p, 're-export')})")
+    return [p for p in asked if p in exported], reasons
 
 
 def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,14 +30,15 @@ from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
 from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
-from vitdeploy.data import load_test
+from vitdeploy.data import load_splits, load_test
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, tensorrt, triton, trt_compat
+from vitdeploy.export import int8 as int8q
 from vitdeploy.files import check_output_dir
 from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, validate_manifest, write_manifest
 from vitdeploy.models import model_from_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing
-from vitdeploy.versions import backend_statuses, versions
+from vitdeploy.versions import backend_statuses, cpu_flags, versions
 
 Say = Callable[[str], None]
 
@@ -48,6 +49,9 @@ class ExportOptions:
     out: Path
     fp16: bool = False
     fp16_policy: str = "matmul"  # see fp16.POLICIES
+    int8: bool = False
+    int8_options: int8q.Int8Options = int8q.Int8Options()
+    int8_max_accuracy_drop: float = 1.0
     trt: bool | None = None  # None: build when --fp16 and TensorRT and a GPU are present
     min_batch: int = 1
     trt_profiles: tuple[tensorrt.Profile, ...] = ()  # empty: tensorrt.default_profiles of the batch range
@@ -67,6 +71,12 @@ class ExportOptions:
         """The batch size the artifacts are tuned for (the manifest's batch.opt): 32 within the range."""
         return max(self.min_batch, min(32, self.max_batch))
 
+    def tolerance(self, precision: str) -> parity.Tolerance:
+        """The parity check of `precision`, with --int8-max-accuracy-drop for INT8."""
+        if precision == "int8":
+            return replace(parity.TOLERANCES["int8"], max_accuracy_drop=self.int8_max_accuracy_drop)
+        return parity.TOLERANCES[precision]
+
     @property
     def profiles(self) -> tuple[tensorrt.Profile, ...]:
         return self.trt_profiles or tensorrt.default_profiles(self.min_batch, self.max_batch)
@@ -77,6 +87,10 @@ class ExportOptions:
         if self.max_batch < self.min_batch:
             raise VitDeployError(f"--max-batch {self.max_batch} is below --min-batch {self.min_batch}; raise --max-batch")
         tensorrt.check_profiles(self.profiles, self.min_batch, self.max_batch)
+        if self.int8:
+            self.int8_options.validate()
+            if not 0 <= self.int8_max_accuracy_drop <= 100:
+                raise VitDeployError("--int8-max-accuracy-drop is in percentage points, 0..100")
         if self.fp16_policy not in fp16.POLICIES:
             raise VitDeployError(f"unknown --fp16-policy {self.fp16_policy!r}; choose {' or '.join(fp16.POLICIES)}")
         if self.parity_images < 1:
@@ -237,6 +251,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     n = min(options.parity_images, len(test))
     images = test.images[:n].numpy()
     labels = test.labels[:n].numpy()
+    calibration = _calibration_images(options, checkpoint, data_dir) if options.int8 else None
 
     staging = prepare_out(options.out, options.force)
     contract = onnx_export.input_spec(preprocessing, options.preprocess_in_graph)
@@ -259,24 +274,27 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
 
     ort_cuda = next(s for s in backend_statuses() if s.name == "ort-cuda").usable  # probed once, not per file
 
-    def verify_onnx(name: str, precision: str, external: list[str]) -> None:
+    def verify_onnx(name: str, precision: str, external: list[str], extra: dict[str, Any] | None = None) -> None:
         path = staging / name
         onnx_export.check_onnx(path)
         inputs, outputs = onnx_export.io_records(path)
         with OrtBackend(path, "cpu", precision=precision) as backend:
             logits = run_batches(backend, feed, options.max_batch)
-        metrics = parity.compare(ref_logits, logits, labels, parity.TOLERANCES[precision])
+        metrics = parity.compare(ref_logits, logits, labels, options.tolerance(precision))
         say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
         if not metrics["passed"]:
             failed.append(name)
-        cuda_metrics = _cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch) if ort_cuda else None
+        cuda_metrics = (_cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch)
+                        if ort_cuda and precision != "int8" else None)
         if cuda_metrics is not None:
             say(f"{name} (ONNX Runtime CUDA vs PyTorch fp32): {parity.describe(cuda_metrics)}")
             if not cuda_metrics["passed"]:
                 failed.append(f"{name} on CUDA")
-        check = trt_compat.preflight(onnx.load(str(path), load_external_data=False))
-        say(f"{name} TensorRT preflight ({check['checked_against']}): "
-            + ("ok" if check["ok"] else "PROBLEMS: " + "; ".join(check["problems"])))
+        for_cpu_only = (extra or {}).get("int8", {}).get("target") == "cpu"
+        check = None if for_cpu_only else trt_compat.preflight(onnx.load(str(path), load_external_data=False))
+        if check is not None:
+            say(f"{name} TensorRT preflight ({check['checked_against']}): "
+                + ("ok" if check["ok"] else "PROBLEMS: " + "; ".join(check["problems"])))
         record = {
             "kind": "onnx", "precision": precision, **file_record(staging, name),
             "external_data": [file_record(staging, e) for e in external],
@@ -287,6 +305,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         }
         if precision == "fp16":
             record["fp16_policy"] = options.fp16_policy
+        record.update(extra or {})
         if cuda_metrics is not None:
             record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
         artifacts.append(record)
@@ -313,11 +332,18 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         trt_compat.save_graph(low, staging / "model_fp16.onnx", "model_fp16.onnx.data" if low_external else None)
         verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
 
+    if options.int8:
+        _export_int8(staging, options, calibration, verify_onnx, say, external)
+
     engine_record = None
     if trt is not None:
-        source = "model_fp16.onnx" if options.fp16 else "model.onnx"
-        engine_record = _build_engine(trt, staging, source, contract, options, ref_logits, feed, labels, say, failed)
-        artifacts.append(engine_record)
+        engines = [("model_fp16.onnx", "fp16") if options.fp16 else ("model.onnx", "fp32")]
+        if options.int8:
+            engines.append(("model_int8_trt.onnx", "int8"))
+        for source, precision in engines:
+            engine_record = _build_engine(trt, staging, source, precision, contract, options, ref_logits, feed, labels,
+                                          say, failed)
+            artifacts.append(engine_record)
     else:
         say(f"no TensorRT engine: {no_trt_reason}")
 
@@ -346,6 +372,38 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     return manifest
 
 
+def _calibration_images(options: ExportOptions, checkpoint: dict[str, Any], data_dir: Path) -> np.ndarray:
+    """`--calib-images` training images outside the run's validation split, drawn by `seed`."""
+    config = checkpoint["config"]
+    try:
+        train = load_splits(data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0))).train
+    except VitDeployError as exc:
+        raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
+                             "pass --data-dir with the training batches") from None
+    options.int8_options.validate(len(train))
+    order = np.random.default_rng(options.int8_options.seed).permutation(len(train))[: options.int8_options.calib_images]
+    return train.images.numpy()[np.sort(order)]
+
+
+def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray, verify_onnx: Callable[..., None],
+                 say: Say, external: bool) -> None:
+    """The CPU INT8 graph (form by the CPU rule) and the TensorRT INT8 graph, each through the accuracy gate."""
+    if external:
+        raise VitDeployError("--int8 needs the model in one ONNX file (protobuf's 2 GB limit) and this model's weights "
+                             "exceed it; export it without --int8")
+    rule = int8q.cpu_form(cpu_flags())
+    for name, form, target in (("model_int8_cpu.onnx", rule["form"], "cpu"),
+                               ("model_int8_trt.onnx", "qdq-s8-symmetric", "tensorrt")):
+        say(f"quantizing to INT8 for {'ort-cpu' if target == 'cpu' else 'trt and ort-trt'}: {form}"
+            + (f" ({rule['reason']})" if target == "cpu" else " (symmetric s8 Q/DQ, as TensorRT requires)")
+            + ("" if form == "dynamic" else f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})"))
+        record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options)
+        record.update(target=target, backends=["ort-cpu"] if target == "cpu" else ["trt", "ort-trt"])
+        if target == "cpu":
+            record.update(rule=rule["reason"], cpu_int8_flags=rule["cpu_int8_flags"])
+        verify_onnx(name, "int8", [], {"int8": record})
+
+
 def _cuda_parity(path: Path, precision: str, feed: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray,
                  max_batch: int) -> dict[str, Any]:
     """Parity on ONNX Runtime's CUDA provider, where it really runs: the real fp16 check."""
@@ -358,11 +416,10 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any], options: ExportOptions,
+def _build_engine(trt: Any, staging: Path, source: str, precision: str, contract: dict[str, Any], options: ExportOptions,
                   ref_logits: np.ndarray, feed: np.ndarray, labels: np.ndarray, say: Say, failed: list[str]) -> dict[str, Any]:
     from vitdeploy.backends.trt import TrtBackend
 
-    precision = "fp16" if options.fp16 else "fp32"
     name = f"model_{precision}.plan"
     cache = options.timing_cache or Path.home() / ".cache" / "vitdeploy" / "tensorrt-timing.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +442,9 @@ def _build_engine(trt: Any, staging: Path, source: str, contract: dict[str, Any]
         raise VitDeployError(f"the engine's I/O tensors {record['io']} are not {sorted(expected)}")
     with TrtBackend(staging / name, record) as backend:
         logits = run_batches(backend, feed, options.max_batch)
-    metrics = parity.compare(ref_logits, logits, labels, parity.TOLERANCES[precision])
+    if precision == "int8":
+        record["int8"] = {"target": "tensorrt", "source_onnx": source}
+    metrics = parity.compare(ref_logits, logits, labels, options.tolerance(precision))
     say(f"{name} (TensorRT vs PyTorch fp32): {parity.describe(metrics)}")
     if not metrics["passed"]:
         failed.append(name)
@@ -408,11 +467,14 @@ def _write_triton(repo: Path, out: Path, model_name: str, manifest: dict[str, An
     for artifact in manifest["artifacts"]:
         files = [out / artifact["path"], *(out / e["path"] for e in artifact.get("external_data", []))]
         if artifact["kind"] == "onnx":
-            name = f"{model_name}_onnx" + ("_fp16" if artifact["precision"] == "fp16" else "")
+            suffix = {"fp32": "", "fp16": "_fp16"}.get(artifact["precision"])
+            if suffix is None:  # int8: one graph per target
+                suffix = f"_{artifact['precision']}_{artifact['int8']['target']}"
+            name = f"{model_name}_onnx{suffix}"
             triton.write_model(repo, name, "onnxruntime_onnx", files, "model.onnx", max_batch, inputs, outputs,
                                manifest["model"]["class_names"], {"precision": artifact["precision"]})
         else:
-            name = f"{model_name}_trt"
+            name = f"{model_name}_trt" + ("" if artifact["precision"] != "int8" else "_int8")
             triton.write_model(repo, name, "tensorrt_plan", files, "model.plan", max_batch, inputs, outputs,
                                manifest["model"]["class_names"],
                                {"precision": artifact["precision"], "tensorrt_version": artifact["tensorrt_version"]})

@@ -1,0 +1,159 @@
+"""fp32 ONNX -> INT8 ONNX with ONNX Runtime's quantization tools, in two forms.
+
+No single INT8 graph serves every backend (README, "INT8"):
+
+- `cpu` (for ort-cpu): the form follows a fixed rule on the exporting CPU's instruction
+  set, recorded in the manifest: with VNNI or AMX (`avx512_vnni`, `avx_vnni`,
+  `amx_int8` in /proc/cpuinfo), dynamic quantization of MatMul/Gemm with per-channel
+  signed 8-bit weights (fastest there, no calibration); without them, static QDQ with
+  unsigned 8-bit activations, per-channel signed weights and `reduce_range` (ONNX Runtime
+  warns that U8S8 can saturate without VNNI), calibrated.
+- `tensorrt` (for trt and ort-trt): static QDQ with symmetric signed 8-bit activations
+  and per-channel symmetric weights, no bias quantization, dedicated Q/DQ pairs, outputs
+  not quantized (the options NVIDIA's Model Optimizer uses for TensorRT), calibrated; the
+  TensorRT engine takes INT8 from the Q/DQ nodes (strongly typed).
+
+In both only MatMul and Gemm with constant weights are quantized: the attention's QK^T
+and softmax x V products, the patch-embedding Conv, LayerNorm, Softmax, GELU and the
+residual adds stay float, and so do the nodes `--int8-exclude` names (default: the
+classification head, the layer most sensitive to quantization).
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from vitdeploy.errors import VitDeployError
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+CHUNK = 32  # images per calibration batch: entropy/percentile keep every intermediate output in memory
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    calib_images: int = 512
+    calib_method: str = "minmax"
+    exclude: tuple[str, ...] = ()  # empty: the head
+    seed: int = 0
+
+    def validate(self, train_size: int | None = None) -> None:
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise VitDeployError(f"unknown --calib-method {self.calib_method!r}; choose {', '.join(CALIBRATION_METHODS)}")
+        if self.calib_images < 1:
+            raise VitDeployError("--calib-images must be at least 1")
+        if train_size is not None and self.calib_images > train_size:
+            raise VitDeployError(f"--calib-images {self.calib_images} exceeds the {train_size} training images outside the "
+                                 "validation split; lower it")
+
+
+def cpu_form(flags: set[str]) -> dict[str, Any]:
+    """The rule: which CPU INT8 graph this instruction set gets, and why."""
+    vnni = sorted(flags & set(VNNI_FLAGS))
+    if vnni:
+        return {"form": "dynamic", "reason": f"the CPU has {', '.join(vnni)}: dynamic MatMul/Gemm quantization, "
+                                             "per-channel s8 weights", "cpu_int8_flags": vnni}
+    return {"form": "qdq-u8", "reason": "the CPU has no VNNI/AMX: static QDQ, u8 activations, per-channel s8 weights, "
+                                        "reduce_range (U8S8 can saturate without VNNI)", "cpu_int8_flags": []}
+
+
+def quantizable_nodes(model: onnx.ModelProto, exclude: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(MatMul/Gemm nodes with a constant weight to quantize, nodes kept float). The default exclusion
+    is the head: the Gemm/MatMul that produces the graph output."""
+    initializers = {t.name for t in model.graph.initializer}
+    constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names = {n.name for n in model.graph.node}
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise VitDeployError(f"--int8-exclude names no node of the graph: {', '.join(unknown)} (node names: "
+                             f"{', '.join(sorted(n.name for n in model.graph.node if n.op_type in ('MatMul', 'Gemm'))[:8])}, ...)")
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    with_weights = [n for n in matmuls if len(n.input) > 1 and (n.input[1] in initializers or n.input[1] in constants)]
+    if not exclude and with_weights:
+        exclude = (with_weights[-1].name,)  # the classification head
+    quantize = [n.name for n in with_weights if n.name not in exclude]
+    kept = [n.name for n in matmuls if n.name not in quantize]
+    return quantize, kept
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over uint8 image batches (the graph's own input)."""
+
+    def __init__(self, input_name: str, images: np.ndarray) -> None:
+        self.batches: Iterator[np.ndarray] = iter([images[i:i + CHUNK] for i in range(0, len(images), CHUNK)])
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:  # the calibrators read once
+        pass
+
+
+def _method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, options: Int8Options,
+             input_name: str = "input") -> dict[str, Any]:
+    """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-s8-symmetric') for `source`; returns
+    what the manifest records (form, quantized and float nodes, calibration, peak memory)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_name(out.name + ".pre.onnx")
+    # ONNX Runtime's own pre-processing (shape inference); no ORT-specific fusions, so the graph stays plain ONNX
+    quant_pre_process(str(source), str(prepared), skip_optimization=True)
+    model = onnx.load(str(prepared))
+    prepared.unlink()
+    nodes, kept = quantizable_nodes(model, options.exclude)
+    record: dict[str, Any] = {"form": form, "quantized_nodes": len(nodes), "float_matmuls": kept,
+                              "op_types": ["MatMul", "Gemm"]}
+    if form == "dynamic":
+        quantize_dynamic(model, str(out), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
+                         per_channel=True, weight_type=QuantType.QInt8)
+        record["calibration"] = None
+        return record
+    if images is None or not len(images):
+        raise VitDeployError("static INT8 quantization needs calibration images; pass --data-dir with the training batches")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    symmetric = form == "qdq-s8-symmetric"
+    extra = {"CalibMaxIntermediateOutputs": max(1, 256 // CHUNK),  # bounded memory for entropy/percentile
+             "ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False if symmetric else True,
+             "DedicatedQDQPair": symmetric, "AddQDQPairToWeight": False}
+    quantize_static(model, str(out), _Reader(input_name, images), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=True,
+                    reduce_range=not symmetric,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=_method(options.calib_method), extra_options=extra)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    record["calibration"] = {"method": options.calib_method, "images": int(len(images)), "seed": options.seed,
+                             "source": "training images outside the validation split, through the graph's own preprocessing",
+                             "chunk_images": CHUNK, "process_peak_rss_mib": round(peak / 1024, 1),
+                             "peak_rss_growth_mib": round(max(0, peak - before) / 1024, 1)}
+    return record
+
+
+def scales(path: Path) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of every QuantizeLinear of a graph: what calibration decided."""
+    model = onnx.load(str(path))
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            scale = values.get(node.input[1])
+            zero = values.get(node.input[2]) if len(node.input) > 2 else np.zeros(1)
+            if scale is not None:
+                found[node.input[0]] = (float(np.ravel(scale)[0]), int(np.ravel(zero)[0]))
+    return found
