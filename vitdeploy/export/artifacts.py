@@ -333,7 +333,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
 
     if options.int8:
-        _export_int8(staging, options, calibration, verify_onnx, say, external)
+        _export_int8(staging, options, calibration, verify_onnx, say, external, preprocessing.input_size)
 
     engine_record = None
     if trt is not None:
@@ -386,7 +386,7 @@ def _calibration_images(options: ExportOptions, checkpoint: dict[str, Any], data
 
 
 def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray, verify_onnx: Callable[..., None],
-                 say: Say, external: bool) -> None:
+                 say: Say, external: bool, model_px: int) -> None:
     """The CPU INT8 graph (form by the CPU rule) and the TensorRT INT8 graph, each through the accuracy gate."""
     if external:
         raise VitDeployError("--int8 needs the model in one ONNX file (protobuf's 2 GB limit) and this model's weights "
@@ -397,7 +397,8 @@ def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray,
         say(f"quantizing to INT8 for {'ort-cpu' if target == 'cpu' else 'trt and ort-trt'}: {form}"
             + (f" ({rule['reason']})" if target == "cpu" else " (symmetric s8 Q/DQ, as TensorRT requires)")
             + ("" if form == "dynamic" else f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})"))
-        record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options)
+        record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options,
+                                model_px=model_px)
         record.update(target=target, backends=["ort-cpu"] if target == "cpu" else ["trt", "ort-trt"])
         if target == "cpu":
             record.update(rule=rule["reason"], cpu_int8_flags=rule["cpu_int8_flags"])

@@ -34,7 +34,14 @@ from vitdeploy.errors import VitDeployError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-CHUNK = 32  # images per calibration batch: entropy/percentile keep every intermediate output in memory
+CHUNK = 32  # images per calibration batch at 32 px; fewer for larger inputs (see `chunk_images`)
+
+
+def chunk_images(model_px: int) -> int:
+    """Images per calibration batch: ONNX Runtime keeps every intermediate output of a batch in
+    memory (about 145 MB per image for vit_b_16 at 224 px), so the batch shrinks with the model's
+    input area: 32 at 32 px, 1 at 224 px."""
+    return max(1, CHUNK * 32 * 32 // (model_px * model_px))
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,8 @@ def quantizable_nodes(model: onnx.ModelProto, exclude: tuple[str, ...]) -> tuple
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over uint8 image batches (the graph's own input)."""
 
-    def __init__(self, input_name: str, images: np.ndarray) -> None:
-        self.batches: Iterator[np.ndarray] = iter([images[i:i + CHUNK] for i in range(0, len(images), CHUNK)])
+    def __init__(self, input_name: str, images: np.ndarray, chunk: int) -> None:
+        self.batches: Iterator[np.ndarray] = iter([images[i:i + chunk] for i in range(0, len(images), chunk)])
         self.input_name = input_name
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -106,7 +113,7 @@ def _method(name: str) -> Any:
 
 
 def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, options: Int8Options,
-             input_name: str = "input") -> dict[str, Any]:
+             input_name: str = "input", model_px: int = 32) -> dict[str, Any]:
     """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-s8-symmetric') for `source`; returns
     what the manifest records (form, quantized and float nodes, calibration, peak memory)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -129,10 +136,11 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
         raise VitDeployError("static INT8 quantization needs calibration images; pass --data-dir with the training batches")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     symmetric = form == "qdq-s8-symmetric"
-    extra = {"CalibMaxIntermediateOutputs": max(1, 256 // CHUNK),  # bounded memory for entropy/percentile
+    chunk = chunk_images(model_px)
+    extra = {"CalibMaxIntermediateOutputs": 1,  # ranges merged after every batch: memory bounded by one batch
              "ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False if symmetric else True,
              "DedicatedQDQPair": symmetric, "AddQDQPairToWeight": False}
-    quantize_static(model, str(out), _Reader(input_name, images), quant_format=QuantFormat.QDQ,
+    quantize_static(model, str(out), _Reader(input_name, images, chunk), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=True,
                     reduce_range=not symmetric,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -140,7 +148,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     record["calibration"] = {"method": options.calib_method, "images": int(len(images)), "seed": options.seed,
                              "source": "training images outside the validation split, through the graph's own preprocessing",
-                             "chunk_images": CHUNK, "process_peak_rss_mib": round(peak / 1024, 1),
+                             "chunk_images": chunk, "process_peak_rss_mib": round(peak / 1024, 1),
                              "peak_rss_growth_mib": round(max(0, peak - before) / 1024, 1)}
     return record
 
