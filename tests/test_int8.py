@@ -182,3 +182,14 @@ def test_precision_int8_without_int8_artifacts(exported: Path, tmp_path: Path) -
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     result = run_cli("predict", str(exported), str(tmp_path / "x.png"), "--precision", "int8")
     assert result.returncode == 1 and "has no onnx int8 artifact" in result.stderr and "--int8" in result.stderr
+
+
+def test_calibration_one_batch_at_a_time_equals_one_big_batch(int8_art: Path, cifar_root: Path, tmp_path: Path) -> None:
+    """Ranges are merged batch by batch (memory bounded by one batch), with the same result as all at once."""
+    from vitdeploy.data import load_test
+    from vitdeploy.export.int8 import quantize
+
+    images = load_test(cifar_root).images[:40].numpy()
+    quantize(int8_art / "model.onnx", tmp_path / "big.onnx", "qdq-s8-symmetric", images, Int8Options(), model_px=32)
+    quantize(int8_art / "model.onnx", tmp_path / "one.onnx", "qdq-s8-symmetric", images, Int8Options(), model_px=224)
+    assert scales(tmp_path / "big.onnx") == scales(tmp_path / "one.onnx")

@@ -91,18 +91,23 @@ def quantizable_nodes(model: onnx.ModelProto, exclude: tuple[str, ...]) -> tuple
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over uint8 image batches (the graph's own input)."""
+    """ONNX Runtime's CalibrationDataReader over uint8 image batches (the graph's own input), with the
+    `__len__`/`set_range` that its strided calibration uses to collect one batch at a time."""
 
     def __init__(self, input_name: str, images: np.ndarray, chunk: int) -> None:
-        self.batches: Iterator[np.ndarray] = iter([images[i:i + chunk] for i in range(0, len(images), chunk)])
+        self.batches = [images[i:i + chunk] for i in range(0, len(images), chunk)]
         self.input_name = input_name
+        self.set_range(0, len(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.pending: Iterator[np.ndarray] = iter(self.batches[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
+        batch = next(self.pending, None)
         return None if batch is None else {self.input_name: batch}
-
-    def rewind(self) -> None:  # the calibrators read once
-        pass
 
 
 def _method(name: str) -> Any:
@@ -137,7 +142,9 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     symmetric = form == "qdq-s8-symmetric"
     chunk = chunk_images(model_px)
-    extra = {"CalibMaxIntermediateOutputs": 1,  # ranges merged after every batch: memory bounded by one batch
+    # One batch per collection, ranges or histograms merged after each: memory bounded by one batch. (Not
+    # CalibMaxIntermediateOutputs: ONNX Runtime 1.31.1's MinMax calibrator drops the outputs it caps.)
+    extra = {"CalibStridedMinMax": 1,
              "ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False if symmetric else True,
              "DedicatedQDQPair": symmetric, "AddQDQPairToWeight": False}
     quantize_static(model, str(out), _Reader(input_name, images, chunk), quant_format=QuantFormat.QDQ,
