@@ -5,7 +5,6 @@ and the refusals."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +78,7 @@ def test_only_weighted_matmuls_carry_qdq_and_the_sensitive_ops_stay_float(int8_a
             assert made_by[node.input[0]].op_type != "DequantizeLinear"
 
 
-def test_calibration_is_deterministic(trained: Path, cifar_root: Path, tmp_path: Path) -> None:
+def test_calibration_is_deterministic(trained: Path, int8_art: Path, cifar_root: Path, tmp_path: Path) -> None:
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.export.int8 import quantize
 
@@ -91,16 +90,9 @@ def test_calibration_is_deterministic(trained: Path, cifar_root: Path, tmp_path:
         ExportOptions(source=trained, out=tmp_path / "x", int8=True, int8_options=Int8Options(calib_images=32, seed=1)),
         checkpoint, cifar_root)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
-    source = tmp_path / "m.onnx"
-    shutil.copy(next(trained.parent.parent.glob("art*/art/model.onnx"), None) or _export_fp32(trained, cifar_root, tmp_path), source)
-    quantize(source, tmp_path / "a.onnx", "qdq-s8-symmetric", first, Int8Options())
-    quantize(source, tmp_path / "b.onnx", "qdq-s8-symmetric", again, Int8Options())
+    quantize(int8_art / "model.onnx", tmp_path / "a.onnx", "qdq-s8-symmetric", first, Int8Options())
+    quantize(int8_art / "model.onnx", tmp_path / "b.onnx", "qdq-s8-symmetric", again, Int8Options())
     assert scales(tmp_path / "a.onnx") == scales(tmp_path / "b.onnx") and scales(tmp_path / "a.onnx")
-
-
-def _export_fp32(trained: Path, cifar_root: Path, tmp_path: Path) -> Path:
-    export_artifacts(ExportOptions(source=trained, out=tmp_path / "fp32", max_batch=8, data_dir=cifar_root), say=lambda _l: None)
-    return tmp_path / "fp32" / "model.onnx"
 
 
 def test_a_broken_calibration_fails_the_gate_and_is_kept_marked_failed(trained: Path, cifar_root: Path, tmp_path: Path,
