@@ -168,6 +168,10 @@ if [ -f "$ORT_PARTS/wheel.json" ]; then
   section ort_join 90 "$PY" scripts/gpu_ort.py join "$ORT_PARTS" --target /tmp/ort
 fi
 export PYTHONPATH="/tmp/ort:$PYTHONPATH"
+# graph_bench ARGS NAME: "&& bench ARGS --cuda-graph" on the GPU; nothing in smoke mode, where it would repeat the bench before it.
+graph_bench() {
+  [ ${#GRAPH[@]} -eq 0 ] || echo "&& $PY -m vitdeploy bench $1 ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/$2'"
+}
 if section ort_probe 20 "$PY" scripts/gpu_ort.py probe --target /tmp/ort --json "$RES/ort_probe.json" || [ "$SMOKE" = 1 ]; then
   section ort_small "${ORT_BUDGETS[0]}" bash -c "rm -rf $W/art/ort_small $W/art/ort_small_act \
     && $PY -m vitdeploy export $ORT_CKPT --out $W/art/ort_small --fp16 --no-trt --parity-images $ORT_PARITY --data-dir '$DATA' \
@@ -176,8 +180,7 @@ if section ort_probe 20 "$PY" scripts/gpu_ort.py probe --target /tmp/ort --json 
     && cp $W/art/ort_small/manifest.json '$RES/ort_small_manifest.json' \
     && $PY -m vitdeploy bench $W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES \
        ${ORT_TIME[*]} --out '$RES/ort_small' \
-    && $PY -m vitdeploy bench $W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES \
-       ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/ort_small_graph' \
+    $(graph_bench "$W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES" ort_small_graph) \
     && $PY -m vitdeploy bench $W/art/ort_small_act --backend $ORT_BACKEND --precision fp16 --batch-sizes $ACT_SIZES \
        ${ORT_TIME[*]} --out '$RES/ort_small_act'"
   section ort_b16 "${ORT_BUDGETS[1]}" bash -c "rm -rf $W/art/ort_b16 \
@@ -186,8 +189,7 @@ if section ort_probe 20 "$PY" scripts/gpu_ort.py probe --target /tmp/ort --json 
        --data-dir '$DATA' \
     && $PY -m vitdeploy bench $W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES \
        ${ORT_TIME[*]} --out '$RES/ort_b16' \
-    && $PY -m vitdeploy bench $W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES \
-       ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/ort_b16_graph'"
+    $(graph_bench "$W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES" ort_b16_graph)"
 else
   reason="ONNX Runtime CUDA probe failed: $(cat "$RES/ort_probe.json" 2>/dev/null | tr '\n' ' ')"
   skipped ort_small "$reason"

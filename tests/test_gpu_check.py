@@ -49,7 +49,7 @@ def test_gpu_check_smoke_runs_every_section(cifar_root: Path, tmp_path: Path) ->
     probe = json.loads((results / "ort_probe.json").read_text())
     assert probe["ok"] is False and probe["reason"]
     assert json.loads((results / "ort_small_manifest.json").read_text())["artifacts"][1]["tensorrt_preflight"]["ok"]
-    for name in ("ort_small", "ort_small_graph", "ort_small_act", "ort_b16", "ort_b16_graph"):
+    for name in ("ort_small", "ort_small_act", "ort_b16"):  # the *_graph benches run on GPUs only
         report = json.loads((results / name / "bench.json").read_text())
         assert {r["backend"] for r in report["records"]} >= {"ort-cpu"}, name
     for name in ("bench_small", "bench_vit_b_16"):
