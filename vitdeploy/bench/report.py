@@ -7,26 +7,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from vitdeploy.files import atomic_write_bytes
 
 
 def write_reports(report: dict[str, Any], out: Path, plot: bool = True) -> list[Path]:
     """Write bench.json, bench.csv and (with `plot`) bench.png into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.csv"]
-    _atomic_write(paths[0], (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write(paths[1], records_csv(report["records"]).encode())
+    atomic_write_bytes(paths[0], (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(paths[1], records_csv(report["records"]).encode())
     if plot:
         paths.append(out / "bench.png")
-        _atomic_write(paths[2], plot_png(report))
+        atomic_write_bytes(paths[2], plot_png(report))
     return paths
 
 

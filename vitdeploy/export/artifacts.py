@@ -101,7 +101,7 @@ STAGING_TAG = ".vitdeploy-staging-"
 
 
 def prepare_out(out: Path, force: bool) -> Path:
-    """Check the output folder and return a fresh staging folder beside it.
+    """Check the output folder's content and return a fresh staging folder beside it.
 
     A non-empty --out is refused unless --force. Nothing in --out is touched here: the new
     export is built in the staging folder and replaces the old one only when complete
@@ -109,7 +109,6 @@ def prepare_out(out: Path, force: bool) -> Path:
     Staging folders of interrupted exports are removed.
     """
     out = Path(out)
-    check_output_dir(out, "--out")
     if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".staging-")):
         if not force:
             raise VitDeployError(f"--out {out} already holds files; choose an empty folder or add --force to replace them")
