@@ -21,7 +21,6 @@ classification head, the layer most sensitive to quantization).
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +138,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
         return record
     if images is None or not len(images):
         raise VitDeployError("static INT8 quantization needs calibration images; pass --data-dir with the training batches")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_kib()
     symmetric = form == "qdq-s8-symmetric"
     chunk = chunk_images(model_px)
     # One batch per collection, ranges or histograms merged after each: memory bounded by one batch. (Not
@@ -152,12 +151,22 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
                     reduce_range=not symmetric,
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=_method(options.calib_method), extra_options=extra)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _peak_rss_kib()
     record["calibration"] = {"method": options.calib_method, "images": int(len(images)), "seed": options.seed,
                              "source": "training images outside the validation split, through the graph's own preprocessing",
-                             "chunk_images": chunk, "process_peak_rss_mib": round(peak / 1024, 1),
-                             "peak_rss_growth_mib": round(max(0, peak - before) / 1024, 1)}
+                             "chunk_images": chunk,
+                             "process_peak_rss_mib": None if peak is None else round(peak / 1024, 1),
+                             "peak_rss_growth_mib": None if peak is None else round(max(0, peak - before) / 1024, 1)}
     return record
+
+
+def _peak_rss_kib() -> int | None:
+    """This process's peak resident memory in KiB (Linux's ru_maxrss), None where it is not available."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def scales(path: Path) -> dict[str, tuple[float, int]]:
