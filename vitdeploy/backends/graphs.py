@@ -68,7 +68,8 @@ class GraphSet:
             return rows
         fitting = [b for b in self.buckets if b >= rows]
         if not fitting:
-            raise VitDeployError(f"batch {rows} is larger than the largest CUDA-graph bucket {max(self.buckets)}")
+            raise VitDeployError(f"batch {rows} is larger than the largest CUDA-graph bucket {max(self.buckets)}; "
+                                 "send smaller batches or raise --max-batch")
         return min(fitting)
 
     def run(self, images: np.ndarray) -> np.ndarray | None:

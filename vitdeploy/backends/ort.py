@@ -141,7 +141,11 @@ class OrtBackend(Backend):
         if shape is not None:
             dtype = np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
             self.session.run([self.output_name], {self.input_name: np.zeros(shape, dtype)})
-        outside = nodes_outside(json.loads(Path(self.session.end_profiling()).read_text()), PROVIDERS["trt"])
+        profile = Path(self.session.end_profiling())
+        try:
+            outside = nodes_outside(json.loads(profile.read_text()), PROVIDERS["trt"])
+        finally:
+            profile.unlink(missing_ok=True)  # one per activation: do not let them pile up in the cache folder
         if outside:
             self.session = None
             raise VitDeployError(f"ort-trt ran {len(outside)} nodes outside TensorRT ({', '.join(outside[:5])}); "
