@@ -147,6 +147,39 @@ export -f ddp_check
 export PY RES W DATA DEVICE
 section ddp 120 bash -c ddp_check
 
+# Issue 13: the long recipe from scratch on vit_cifar_small in bf16 with torch.compile, sized to LONG_SECONDS of
+# training by the rate bench-train measures first (same batch, precision and compile). Every epoch logs its test
+# accuracy and times as it goes, and metrics.jsonl is kept even when the budget cuts the run: the curve survives.
+if [ "$SMOKE" = 1 ]; then
+  LONG_MODEL=vit_cifar_tiny; LONG_RATE=(--batch-size 16 --steps 2 --warmup-steps 1); LONG_TRAIN=(--subset 64 --val-size 40 \
+    --batch-size 16 --test-size 40); LONG_SECONDS=4; LONG_TRAIN_LIMIT=150; LONG_BUDGET=240
+else
+  LONG_MODEL=vit_cifar_small; LONG_RATE=(--batch-size 512 --steps 40 --warmup-steps 5 --precision bf16 --compile)
+  LONG_TRAIN=(--precision bf16 --compile); LONG_SECONDS=${GPU_CHECK_LONG_SECONDS:-300}
+  LONG_TRAIN_LIMIT=$((LONG_SECONDS + 150)); LONG_BUDGET=$((LONG_TRAIN_LIMIT + 90))  # compile and evaluation; the rate probe
+fi
+long_run() {
+  local epochs rc
+  rm -rf "$W/runs/cifar_long"
+  "$PY" -m vitdeploy bench-train --model "$LONG_MODEL" "${LONG_RATE[@]}" --source real --data-dir "$DATA" \
+    --device "$DEVICE" --json "$RES/cifar_long_rate.json" || return 1
+  epochs=$("$PY" scripts/long_epochs.py "$RES/cifar_long_rate.json" --seconds "$LONG_SECONDS" --data-dir "$DATA" \
+    "${LONG_TRAIN[@]}") || return 1
+  echo "long recipe: $epochs epochs for ${LONG_SECONDS}s of training"
+  # SIGTERM at the limit: training stops at a step boundary and saves a checkpoint; the files are copied either way.
+  timeout "$LONG_TRAIN_LIMIT" "$PY" -m vitdeploy train --model "$LONG_MODEL" --recipe long --epochs "$epochs" \
+    --test-each-epoch --device "$DEVICE" --data-dir "$DATA" --out "$W/runs/cifar_long" "${LONG_TRAIN[@]}"
+  rc=$?
+  for name in metrics.jsonl config.json summary.json; do
+    cp "$W/runs/cifar_long/$name" "$RES/cifar_long_$name" 2>/dev/null
+  done
+  return $rc
+}
+export -f long_run
+export LONG_MODEL LONG_SECONDS LONG_TRAIN_LIMIT
+export LONG_RATE_S="${LONG_RATE[*]}" LONG_TRAIN_S="${LONG_TRAIN[*]}"
+section cifar_long "$LONG_BUDGET" bash -c 'LONG_RATE=($LONG_RATE_S); LONG_TRAIN=($LONG_TRAIN_S); long_run'
+
 # Issue 11: ONNX Runtime CUDA, from the onnxruntime-gpu wheel carried in parts (docs/gpu-plan.md: the last
 # of several back-to-back runs). A 10-second probe decides: without a working CUDA session every ORT
 # section is recorded as skipped with the probe's reason. ORT sections: about 150 s in all.

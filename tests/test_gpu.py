@@ -12,6 +12,7 @@ from vitdeploy.data import load_train
 from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess
 from vitdeploy.train import TrainConfig, run_training
+from vitdeploy.train.augment import Augmenter, AugmentSettings
 from vitdeploy.train.loop import DeviceData, evaluate
 from vitdeploy.train.precision import choose_precision, native_bf16
 
@@ -22,11 +23,33 @@ def test_device_pipeline_matches_cpu(cifar_root: Path) -> None:
     images = load_train(cifar_root)
     spec = get_spec("vit_b_16")
     indices = torch.arange(0, 64)
-    cpu = DeviceData(images, Preprocess(spec.preprocessing()), torch.device("cpu")).batch(indices, augment=(1, 2, 4))
-    gpu = DeviceData(images, Preprocess(spec.preprocessing()), torch.device("cuda")).batch(indices, augment=(1, 2, 4))
+    settings = AugmentSettings(crop_padding=4)
+    cpu = DeviceData(images, Preprocess(spec.preprocessing()), torch.device("cpu"),
+                     Augmenter(settings, Preprocess(spec.preprocessing()), 10, seed=1)).batch(indices, epoch=2)
+    gpu = DeviceData(images, Preprocess(spec.preprocessing()), torch.device("cuda"),
+                     Augmenter(settings, Preprocess(spec.preprocessing()).cuda(), 10, seed=1)).batch(indices, epoch=2)
     assert gpu[0].shape == (64, 3, 224, 224)
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(gpu[1].cpu(), cpu[1])
+
+
+def test_long_recipe_augmentation_matches_cpu(cifar_root: Path) -> None:
+    """TrivialAugmentWide, erasing, mixup and cutmix on the GPU give the CPU's batch (uint8
+    arithmetic may round a rare pixel one level apart)."""
+    images = load_train(cifar_root)
+    spec = get_spec("vit_cifar_small")
+    settings = AugmentSettings(crop_padding=4, augment="trivial", erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0,
+                               fill=(125, 123, 114))
+    indices = torch.arange(0, 256)
+    outputs = []
+    for device in ("cpu", "cuda"):
+        augmenter = Augmenter(settings, Preprocess(spec.preprocessing()).to(device), 10, seed=3)
+        outputs.append(DeviceData(images, Preprocess(spec.preprocessing()), torch.device(device), augmenter).batch(indices, epoch=1))
+    (cpu_x, cpu_y), (gpu_x, gpu_y) = outputs
+    one_level = 1 / (255 * min(spec.std)) + 1e-4
+    diff = (gpu_x.cpu() - cpu_x).abs()
+    assert diff.max() <= one_level and (diff > 1e-4).float().mean() < 1e-3
+    torch.testing.assert_close(gpu_y.cpu(), cpu_y)
 
 
 def test_auto_precision_on_this_gpu() -> None:

@@ -24,8 +24,8 @@ def test_gpu_check_smoke_runs_every_section(cifar_root: Path, tmp_path: Path) ->
     subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, check=True, timeout=900, capture_output=True)
     sections = {s["section"]: s for s in json.loads((out / "sections.json").read_text())["sections"]}
     assert set(sections) >= {"env", "gpu_tests", "train_throughput", "recipe_sweep", "cifar_small_run", "export_fp16",
-                             "bench_small", "train_throughput_compiled", "bench_vit_b_16", "ddp", "ort_join", "ort_probe",
-                             "ort_small", "ort_b16"}
+                             "bench_small", "train_throughput_compiled", "bench_vit_b_16", "ddp", "cifar_long", "ort_join",
+                             "ort_probe", "ort_small", "ort_b16"}
     assert sections.pop("ort_probe")["status"] == "failed"  # no CUDA here: the probe says no, the smoke runs ort-cpu
     assert all(s["status"] == "ok" for s in sections.values()), sections
     assert {p.name for p in out.iterdir()} <= {"sections.json", "sections.json.lock", "gpu_check.log", "results.tar"}
@@ -41,7 +41,13 @@ def test_gpu_check_smoke_runs_every_section(cifar_root: Path, tmp_path: Path) ->
     sweep = json.loads((results / "recipe_sweep.json").read_text())
     assert [r["rc"] for r in sweep["runs"]] == [0, 0]
     run = json.loads((results / "cifar_small_run.json").read_text())
-    assert run["model"] == "vit_cifar_small" and run["epochs"] == 1
+    assert run["model"] == "vit_cifar_small" and run["epochs_completed"] == 1
+    long_config = json.loads((results / "cifar_long_config.json").read_text())
+    assert long_config["recipe"] == "long" and long_config["ema"] and long_config["test_each_epoch"]
+    curve = [json.loads(line) for line in (results / "cifar_long_metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in curve if r["type"] == "epoch"]
+    assert len(epochs) == long_config["epochs"] and all("test_acc" in r and r["train_seconds"] > 0 for r in epochs)
+    assert json.loads((results / "cifar_long_summary.json").read_text())["weights"] == "ema"
     manifest = json.loads((results / "export_manifest.json").read_text())
     assert {(a["kind"], a["precision"]) for a in manifest["artifacts"]} == {("onnx", "fp32"), ("onnx", "fp16")}
     assert json.loads((results / "ddp.json").read_text()) == {

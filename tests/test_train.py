@@ -16,6 +16,7 @@ import vitdeploy.train.loop as loop
 from tests.conftest import REPO
 from vitdeploy.checkpoint import load_checkpoint
 from vitdeploy.errors import VitDeployError
+from vitdeploy.models import model_from_checkpoint
 from vitdeploy.train import StopRequest, TrainConfig, run_training
 
 
@@ -52,7 +53,8 @@ def test_training_lowers_the_loss_and_writes_its_files(full_run: Path) -> None:
     for name in ("config.json", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "checkpoints/epoch-0001.pt", "checkpoints/epoch-0002.pt"):
         assert (full_run / name).is_file(), name
     summary = json.loads((full_run / "summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["steps"] == 20 and summary["train_images"] == 320
+    assert summary["epochs_completed"] == summary["ended_in_epoch"] == 2 and summary["steps"] == 20
+    assert summary["train_images"] == 320 and summary["weights"] == "model" and summary["recipe"] == "short"
     assert summary["train_images_per_s"] == pytest.approx(summary["train_images"] / summary["train_loop_seconds"])
     assert "evaluation and checkpointing excluded" in summary["train_images_per_s_definition"]
     assert summary["test_images"] == 50 and 0 <= summary["final_test_acc"] <= 1
@@ -120,6 +122,68 @@ def test_max_steps_and_subset(cifar_root: Path, tmp_path: Path) -> None:
     assert result.summary["steps"] == 3 and result.summary["train_images"] == 48
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["progress"]["batch"] == 3 and ckpt["epoch"] == 0  # resumable inside epoch 1
+    summary = result.summary  # 4 steps per epoch: stopped inside the first
+    assert (summary["epochs_completed"], summary["ended_in_epoch"], summary["best_epoch"]) == (0, 1, 1)
+
+
+def test_summary_fields_agree_for_a_run_cut_inside_its_second_epoch(cifar_root: Path, tmp_path: Path) -> None:
+    """3 steps per epoch, stopped at step 4: one epoch completed, ended (and best) in epoch 2;
+    --test-size 0 skips the test pass and says so; --val-size and --test-size counts are reported."""
+    summary = run_training(config(cifar_root, tmp_path / "a", max_steps=4, subset=48, test_size=0, val_size=30)).summary
+    assert (summary["epochs_completed"], summary["ended_in_epoch"], summary["steps"]) == (1, 2, 4)
+    assert 1 <= summary["best_epoch"] <= summary["ended_in_epoch"] and summary["best_step"] in (3, 4)
+    assert summary["test_images"] == 0 and summary["final_test_acc"] is None and summary["best_test_acc"] is None
+    assert summary["val_images"] == 30
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["type"] == "test"]
+    summary = run_training(config(cifar_root, tmp_path / "b", max_steps=1, test_size=7, test_each_epoch=True)).summary
+    assert summary["test_images"] == 7 and summary["final_test_acc"] is not None
+    epoch = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line][-1]
+    assert epoch["test_acc"] == summary["final_test_acc"] and epoch["train_seconds"] > 0
+
+
+def test_test_and_val_sizes_are_checked(cifar_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(VitDeployError, match=r"--test-size must be between 0 \(no test pass\) and 50"):
+        run_training(config(cifar_root, tmp_path / "t", test_size=51))
+    with pytest.raises(VitDeployError, match="--val-size must be between 1 and 199"):
+        run_training(config(cifar_root, tmp_path / "v", val_size=200))
+    assert not (tmp_path / "t").exists() and not (tmp_path / "v").exists()
+
+
+def test_long_recipe_stop_and_resume_matches_uninterrupted(cifar_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every augmentation and the EMA on: a run stopped mid-epoch and resumed logs the same
+    losses, ends with the same EMA (update count included) and reports the same accuracy."""
+    def long_config(out: Path) -> TrainConfig:
+        return config(cifar_root, out, recipe="long", erase_prob=0.5, test_size=20)
+
+    full = run_training(long_config(tmp_path / "full")).summary
+    assert full["recipe"] == "long" and full["weights"] == "ema" and full["ema_decay"] == 0.5  # 20 steps: the floor
+    stop = StopRequest()
+    real_step = loop.train_step
+    calls = {"n": 0}
+
+    def stopping_step(ctx, inputs, targets):
+        assert targets.dtype == torch.float32 and targets.shape == (16, 10)  # mixed labels
+        calls["n"] += 1
+        if calls["n"] == 13:
+            stop.set(signal.SIGTERM)
+        return real_step(ctx, inputs, targets)
+
+    monkeypatch.setattr(loop, "train_step", stopping_step)
+    assert run_training(long_config(tmp_path / "cut"), stop=stop).interrupted == signal.SIGTERM
+    monkeypatch.setattr(loop, "train_step", real_step)
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert ckpt["step"] == 13 and ckpt["ema"]["updates"] == 13
+    resumed = run_training(TrainConfig.from_dict(ckpt["config"]), resume=ckpt, resume_dir=tmp_path / "cut").summary
+    assert_same_losses(step_losses(tmp_path / "full"), step_losses(tmp_path / "cut"))
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 20
+    for key, value in a["ema"]["state"].items():
+        torch.testing.assert_close(b["ema"]["state"][key], value, rtol=1e-5, atol=1e-6)
+    assert resumed["final_test_acc"] == full["final_test_acc"] and resumed["best_val_acc"] == full["best_val_acc"]
+    _spec, model = model_from_checkpoint(a, "last.pt")  # what export and the pytorch backend load: the EMA
+    assert torch.equal(model.state_dict()["heads.head.weight"], a["ema"]["state"]["heads.head.weight"])
+    assert not torch.equal(a["model"]["heads.head.weight"], a["ema"]["state"]["heads.head.weight"])
 
 
 def test_grad_accum_keeps_the_global_batch(cifar_root: Path, tmp_path: Path) -> None:
@@ -158,6 +222,25 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(cifar_root: Path, t
     assert resumed.returncode == 0, resumed.stderr
     assert_same_losses(step_losses(ref), step_losses(run))
     assert json.loads((ref / "summary.json").read_text())["final_test_acc"] == json.loads((run / "summary.json").read_text())["final_test_acc"]
+
+
+def test_recipes_resolve_from_the_epochs_and_stay_overridable() -> None:
+    short, long = TrainConfig.from_options("vit_cifar_tiny", epochs=2), TrainConfig.from_options("vit_cifar_tiny", epochs=10)
+    assert (short.recipe, short.augment, short.mixup, short.ema, short.batch_size) == ("short", "none", False, False, 128)
+    assert (long.recipe, long.augment, long.mixup, long.cutmix, long.ema) == ("long", "trivial", True, True, True)
+    assert TrainConfig.from_options("vit_cifar_tiny", recipe="long", epochs=2, ema=False, mixup=False).ema is False
+    assert TrainConfig.from_options("vit_b_16").recipe == "short" and TrainConfig.from_options("vit_cifar_small").recipe == "long"
+    with pytest.raises(VitDeployError, match="unknown recipe 'medium'; use auto, short or long"):
+        TrainConfig.from_options("vit_cifar_tiny", recipe="medium")
+    for bad, message in (({"mixup": True, "mixup_alpha": 0.0}, "--mixup-alpha must be positive"),
+                         ({"cutmix": True, "cutmix_alpha": -1.0}, "--cutmix-alpha must be positive"),
+                         ({"ema": True, "ema_decay": 1.0}, "--ema-decay must be in \\(0, 1\\)"),
+                         ({"test_size": -1}, "--test-size must be 0"), ({"val_size": -5}, "--val-size must be at least 1"),
+                         ({"erase_prob": 1.0}, "--erase-prob"), ({"augment": "auto"}, "--augment must be one of")):
+        with pytest.raises(VitDeployError, match=message):
+            TrainConfig.from_options("vit_cifar_tiny", **bad)
+    with pytest.raises(VitDeployError, match="even share"):
+        TrainConfig.from_options("vit_cifar_tiny", recipe="long", batch_size=12).check_ranks(4)
 
 
 def test_random_crops_default_on_only_for_long_runs(cifar_root: Path, tmp_path: Path) -> None:

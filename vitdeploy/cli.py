@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -68,6 +69,11 @@ class InferencePrecision(str, Enum):
     fp16 = "fp16"
     bf16 = "bf16"
     int8 = "int8"
+
+
+class Augment(str, Enum):
+    none = "none"
+    trivial = "trivial"
 
 
 class Source(str, Enum):
@@ -144,20 +150,26 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
             "patch_px": spec.patch_size,
             "gflops_per_image": round(gflops, 2),
             "pretrained_weights": list(spec.pretrained),
-            "default_lr": spec.recipe.lr,
-            "default_batch_size": spec.recipe.batch_size,
-            "default_epochs": spec.recipe.epochs,
+            "default_recipe": spec.default_recipe,
+            "recipes": {name: recipe.to_dict() for name, recipe in spec.recipes.items()},
             "description": spec.description,
         })
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("model", "params (M)", "input px", "GFLOPs/img", "pretrained weights", "lr / batch / epochs",
+    table = Table("model", "params (M)", "input px", "GFLOPs/img", "pretrained weights", "default recipe",
                   title="models (GFLOPs: forward pass, 1 multiply-add = 2 FLOPs)")
     for r in rows:
         table.add_row(r["name"], f"{r['params_millions']:.1f}", str(r["input_px"]), f"{r['gflops_per_image']:.2f}",
-                      ", ".join(r["pretrained_weights"]) or "none (from scratch)",
-                      f"{r['default_lr']:g} / {r['default_batch_size']} / {r['default_epochs']}")
+                      ", ".join(r["pretrained_weights"]) or "none (from scratch)", r["default_recipe"])
+    console.print(table)
+    table = Table("model", "recipe", "epochs", "batch", "lr", "layer decay", "crops px", "augment", "erase", "mixup/cutmix", "EMA",
+                  title="training recipes (--recipe auto: long for 10+ epochs, short below; every option overrides its value)")
+    for r in rows:
+        for name, rc in r["recipes"].items():
+            mixing = "/".join(f"{rc[k + '_alpha']:g}" if rc[k] else "off" for k in ("mixup", "cutmix"))
+            table.add_row(r["name"], name, str(rc["epochs"]), str(rc["batch_size"]), f"{rc['lr']:g}", f"{rc['layer_decay']:g}",
+                          str(rc["crop_padding"]), rc["augment"], f"{rc['erase_prob']:g}", mixing, "yes" if rc["ema"] else "no")
     console.print(table)
 
 
@@ -176,8 +188,19 @@ def train(
     warmup_frac: Annotated[Optional[float], typer.Option(help="Fraction of steps for linear warm-up before cosine decay. [default: 0.05]")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Gradient-norm clip, 0 = off. [default: 1.0]")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (batch size stays global). [default: 1]")] = None,
-    crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop augmentation: zero padding in px, 0 = no crops (flips stay on). [default: 4 for runs of 10+ epochs, else 0]")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Training recipe: auto, short or long (see `vitdeploy models`); it sets every option below that you do not. auto: long for 10+ epochs, short below, the model's default without --epochs. [default: auto]")] = None,
+    crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop augmentation: zero padding in px, 0 = no crops (flips stay on). [default: the recipe's]")] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Per-sample augmentation policy: none or trivial (TrivialAugmentWide). [default: the recipe's]")] = None,
+    erase_prob: Annotated[Optional[float], typer.Option(help="Probability of random erasing per image, 0 = off. [default: the recipe's]")] = None,
+    mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup", help="Mixup with a fixed partner per sample. [default: the recipe's]")] = None,
+    mixup_alpha: Annotated[Optional[float], typer.Option(help="Mixup weight ~ Beta(alpha, alpha). [default: 0.8]")] = None,
+    cutmix: Annotated[Optional[bool], typer.Option("--cutmix/--no-cutmix", help="Cutmix (half of the samples each when mixup is on too). [default: the recipe's]")] = None,
+    cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha). [default: 1.0]")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported. [default: the recipe's]")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1). [default: tied to the run's length, 1 - 10/steps]")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint. [default: 5000]")] = None,
+    test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass. [default: all 10,000]")] = None,
+    test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (quick runs).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init. [default: 0]")] = None,
@@ -205,7 +228,10 @@ def train(
         "model": model, "data_dir": _str(data_dir), "download": download, "out": _str(out), "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay,
         "label_smoothing": label_smoothing, "warmup_frac": warmup_frac, "grad_clip": grad_clip,
-        "grad_accum": grad_accum, "crop_padding": crop_padding, "val_size": val_size, "subset": subset, "max_steps": max_steps, "seed": seed,
+        "grad_accum": grad_accum, "crop_padding": crop_padding, "augment": augment.value if augment else None,
+        "erase_prob": erase_prob, "mixup": mixup, "mixup_alpha": mixup_alpha, "cutmix": cutmix, "cutmix_alpha": cutmix_alpha,
+        "recipe": recipe, "ema": ema, "ema_decay": ema_decay, "val_size": val_size, "test_size": test_size, "test_each_epoch": test_each_epoch,
+        "subset": subset, "max_steps": max_steps, "seed": seed,
         "device": device.value if device else None, "precision": precision.value if precision else None,
         "compile": compile, "pretrained": pretrained, "pretrained_weights": pretrained_weights,
         "weights": _str(weights), "log_every": log_every, "keep_checkpoints": keep_checkpoints,
@@ -465,6 +491,48 @@ def predict(
 
 
 @app.command()
+def explain(
+    source: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`, a run folder or a checkpoint file.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...), any size.")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.png (image | map | overlay) and NAME.json per image.")],
+    method: Annotated[str, typer.Option(help="rollout (attention rollout) or grad-rollout (gradient-weighted, for one class).")] = "rollout",
+    head_fusion: Annotated[str, typer.Option(help="rollout: how heads combine, mean or max.")] = "mean",
+    discard_ratio: Annotated[float, typer.Option(help="rollout: fraction of the weakest attention entries dropped per layer, in [0, 1).")] = 0.0,
+    class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index. [default: each image's top-1]")] = None,
+    top_k: Annotated[int, typer.Option(help="Classes listed per image.")] = 5,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint of an artifact folder, if it moved since the export.")] = None,
+) -> None:
+    """Where the model looks: a heat map over the patch grid per image, from the PyTorch model of the checkpoint."""
+    import re
+
+    from vitdeploy.explain import check_options, class_index, explain_images, load_explained_model
+    from vitdeploy.files import atomic_write_bytes, atomic_write_text
+    from vitdeploy.images import load_image_file
+    from vitdeploy.overlay import explanation_png
+
+    check_options(method, head_fusion, discard_ratio)
+    check_output_dir(out, "--out")
+    model, preprocessing, classes, path = load_explained_model(source, checkpoint)
+    if not 1 <= top_k <= len(classes):
+        raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
+    target = None if class_ is None else class_index(class_, classes)
+    batch = np.stack([load_image_file(image, preprocessing.source_size) for image in images])
+    records, maps = explain_images(model, preprocessing, classes, batch, method, head_fusion, discard_ratio, target, top_k)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for image, pixels, record, heat in zip(images, batch, records, maps, strict=True):
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"
+        name = name if name not in used else f"{name}-{len(used)}"
+        used.add(name)
+        record = {"image": str(image), "checkpoint": str(path), **record}
+        title = f"{record['class']['label']} {100 * record['class']['probability']:.1f}%  ({method})  {image.name}"
+        atomic_write_bytes(out / f"{name}.png", explanation_png(pixels, heat, title))
+        atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
+        console.print(f"{escape(str(image))}: {record['class']['label']} {100 * record['class']['probability']:.1f}% -> "
+                      f"{out / (name + '.png')}, {out / (name + '.json')}")
+
+
+@app.command()
 def serve(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export` (with --backend pytorch also a run folder or checkpoint).")],
     backend: Annotated[BackendName, typer.Option(help="Which runtime serves.")] = BackendName.ort_cpu,
@@ -484,9 +552,10 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend).")] = None,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs on the GPU backends (trt, ort-cuda, pytorch): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
+    explain_queue: Annotated[int, typer.Option(help="Most /v1/explain requests running or waiting (one runs at a time, on the server's own PyTorch copy of the model); beyond it 503. 0 turns explanations off.")] = 4,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
+    """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /v1/explain, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
     try:
         import uvicorn
 
@@ -502,7 +571,7 @@ def serve(
         max_body_bytes=int(max_body_mb * 2**20), max_images_per_request=max_images_per_request, timeout_s=timeout_s,
         read_timeout_s=read_timeout_s, max_connections=max_connections,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), threads=threads,
-        checkpoint=checkpoint, cuda_graph=cuda_graph,
+        checkpoint=checkpoint, cuda_graph=cuda_graph, explain_queue=explain_queue,
     )
     application = create_app(config)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -141,8 +141,10 @@ def split_validation(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSe
     return train.take(train_idx), train.take(val_idx)
 
 
-def load_splits(data_dir: Path, val_size: int, seed: int, subset: int | None = None, download: bool = False) -> Splits:
-    """Train/validation/test splits in memory; `subset` keeps the first N training images."""
+def load_splits(data_dir: Path, val_size: int, seed: int, subset: int | None = None, download: bool = False,
+                test_size: int | None = None) -> Splits:
+    """Train/validation/test splits in memory; `subset` keeps the first N training images,
+    `test_size` the first N test images (0: none)."""
     if download:
         download_cifar10(data_dir)
     train, val = split_validation(load_train(data_dir), val_size, seed)
@@ -150,4 +152,12 @@ def load_splits(data_dir: Path, val_size: int, seed: int, subset: int | None = N
         if subset < 1:
             raise VitDeployError("--subset must be a positive number of images")
         train = ImageSet(train.images[:subset], train.labels[:subset])
-    return Splits(train=train, val=val, test=load_test(data_dir))
+    if test_size == 0:
+        return Splits(train=train, val=val, test=ImageSet(torch.zeros((0, *IMAGE_SHAPE), dtype=torch.uint8),
+                                                          torch.zeros(0, dtype=torch.int64)))
+    test = load_test(data_dir)
+    if test_size is not None:
+        if not 0 <= test_size <= len(test):
+            raise VitDeployError(f"--test-size must be between 0 (no test pass) and {len(test)} (the test set has {len(test)} images)")
+        test = ImageSet(test.images[:test_size], test.labels[:test_size])
+    return Splits(train=train, val=val, test=test)

@@ -217,3 +217,11 @@ def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = N
             if target is None or artifact["precision"] != "int8" or artifact["int8"]["target"] == target:
                 return artifact
     return None
+
+
+def same_file(path: Path, sha256: str) -> bool:
+    """`path` is a readable file with this sha256 (one answer for missing, unreadable and different)."""
+    try:
+        return path.is_file() and sha256_file(path) == sha256
+    except OSError:
+        return False

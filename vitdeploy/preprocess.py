@@ -138,6 +138,16 @@ def augment_params(seed: int, epoch: int, sample_ids: torch.Tensor, pad: int) ->
     return torch.from_numpy(dy), torch.from_numpy(dx), torch.from_numpy(flip)
 
 
+def sample_uniforms(seed: int, epoch: int, sample_ids: torch.Tensor, stream: int, count: int) -> np.ndarray:
+    """`count` uniform numbers in [0, 1) per sample (an N x count float64 array), from
+    (seed, epoch, sample id, stream) alone: each augmentation draws from a stream of its own."""
+    ids = sample_ids.cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        base = _splitmix64(ids ^ _stream_key(seed, epoch, stream))
+        bits = _splitmix64(base[:, None] + np.arange(count, dtype=np.uint64)[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def random_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
     """Zero-pad by `pad`, crop back to the original size at (dy, dx), mirror where `flip`.
 

@@ -12,7 +12,7 @@ import torch
 
 from vitdeploy.backends.base import Backend
 from vitdeploy.errors import VitDeployError
-from vitdeploy.manifest import artifact_path, find_artifact, sha256_file
+from vitdeploy.manifest import artifact_path, find_artifact, same_file
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.tensorrt_runtime import default_profiles
 from vitdeploy.versions import cpu_flags
@@ -78,7 +78,7 @@ def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, comp
 
     source = manifest["model"]["source_checkpoint"]
     path = Path(checkpoint or source["path"])
-    if not _same_file(path, source["sha256"]):
+    if not same_file(path, source["sha256"]):
         raise VitDeployError(f"the pytorch backend needs the checkpoint the artifacts came from, {path}, unchanged; "
                              "it is missing, unreadable or differs (pass its new place with --checkpoint)")
     state = load_checkpoint(path)
@@ -89,14 +89,6 @@ def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, comp
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     return TorchBackend(model, Preprocessing.from_dict(manifest["preprocessing"]), device, precision, compile, **graphs)
-
-
-def _same_file(path: Path, sha256: str) -> bool:
-    """`path` is a readable file with this sha256 (one answer for missing, unreadable and different)."""
-    try:
-        return path.is_file() and sha256_file(path) == sha256
-    except OSError:
-        return False
 
 
 def model_input(manifest: dict[str, Any], images: np.ndarray, backend: str) -> np.ndarray:

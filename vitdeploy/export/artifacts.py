@@ -36,7 +36,7 @@ from vitdeploy.export import fp16, onnx_export, tensorrt, triton, trt_compat
 from vitdeploy.export import int8 as int8q
 from vitdeploy.files import check_output_dir
 from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, validate_manifest, write_manifest
-from vitdeploy.models import model_from_checkpoint
+from vitdeploy.models import checkpoint_weights, model_from_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.versions import backend_statuses, cpu_flags, versions
 
@@ -255,6 +255,9 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     staging = prepare_out(options.out, options.force)
     contract = onnx_export.input_spec(preprocessing, options.preprocess_in_graph)
     feed = images if options.preprocess_in_graph else Preprocess(preprocessing)(torch.from_numpy(images)).numpy()
+    weights = checkpoint_weights(checkpoint)[0]
+    say(f"weights: {'the EMA of the run (what it evaluated and chose best.pt by)' if weights == 'ema' else 'the trained weights'} "
+        f"of {ckpt_path}")
     say(f"reference: PyTorch fp32 on {n} test images from {data_dir}")
     with TorchBackend(model, preprocessing) as reference:
         ref_logits = run_batches(reference, images, options.max_batch)
@@ -351,7 +354,8 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "vitdeploy_version": __version__, "versions": versions(),
         "model": {"name": spec.name, "num_classes": len(class_names), "class_names": class_names,
-                  "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": ckpt_hash}},
+                  "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": ckpt_hash},
+                  "weights": weights},
         "preprocessing": preprocessing.to_dict(),
         "input": contract,
         "output": {"name": onnx_export.OUTPUT, "dtype": "float32", "shape": ["batch", len(class_names)],

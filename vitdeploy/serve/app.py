@@ -35,11 +35,14 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.images import decode_image
 from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
 from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
+from vitdeploy.explain import METHODS, class_index
+from vitdeploy.overlay import overlay_png
 from vitdeploy.serve.config import ServeConfig
+from vitdeploy.serve.explainer import ExplainBusy, Explainer
 from vitdeploy.serve.metrics import Metrics
 
 log = logging.getLogger("vitdeploy.serve")
-OPEN_PATHS = ("/healthz", "/readyz", "/")  # no API key needed: liveness, readiness, the static upload page
+OPEN_PATHS = ("/healthz", "/readyz", "/", "/favicon.ico", "/favicon.svg")  # no API key: liveness, readiness, the static page
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # counted in metrics for requests whose client went away (never sent)
 
@@ -145,6 +148,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     size: int = manifest["preprocessing"]["source_size"]
     metrics = Metrics()
     backend = load_backend(config, manifest)
+    explainer, no_explainer = Explainer.open(config.artifacts, config.checkpoint, config.explain_queue)
+    if explainer is None:
+        log.warning("/v1/explain will answer 503: %s", no_explainer)
     state: dict[str, Any] = {"ready": False, "batcher": None, "in_flight": 0}
 
     @asynccontextmanager
@@ -167,6 +173,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["ready"] = False
             await batcher.close()  # answers everything still queued
             backend.deactivate()
+            if explainer is not None:
+                explainer.close()
 
     app = FastAPI(title="vitdeploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
@@ -222,13 +230,19 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["in_flight"] -= 1
             metrics.in_flight.set(state["in_flight"])
 
-    async def predict_images(items: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
+    async def decode(items: list[tuple[str, bytes]]) -> list[np.ndarray]:
         images = []
         for name, data in items:
             try:
                 images.append(await asyncio.to_thread(decode_image, data, size, name))
             except VitDeployError as exc:
                 raise ApiError(400, str(exc)) from None
+        return images
+
+    async def predict_images(items: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
+        return await predict_decoded(await decode(items), top_k)
+
+    async def predict_decoded(images: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
         batcher: Batcher | None = state["batcher"]
         if batcher is None or not state["ready"]:
             raise ApiError(503, "the model is not loaded yet", {"Retry-After": RETRY_AFTER_S})
@@ -264,6 +278,51 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"model": manifest["model"]["name"],
                 "results": [{"filename": name, "predictions": p} for (name, _), p in zip(items, results, strict=True)]}
 
+    @app.post("/v1/explain")
+    async def explain(request: Request) -> Response:
+        """Where the model looks for one image (body as for /v1/predict): the served backend's
+        top-1 class (or ?class=NAME|INDEX) explained by the server's PyTorch copy of the model;
+        ?method=rollout|grad-rollout; ?format=png for the overlay picture instead of JSON."""
+        if explainer is None:
+            raise ApiError(503, no_explainer)
+        fmt = request.query_params.get("format", "json")
+        method = request.query_params.get("method", "rollout")
+        if fmt not in ("json", "png"):
+            raise ApiError(400, f"format must be json or png (got {fmt[:20]!r})")
+        if method not in METHODS:
+            raise ApiError(400, f"method must be {' or '.join(METHODS)} (got {method[:20]!r})")
+        chosen = request.query_params.get("class")
+        try:
+            target = None if chosen is None else class_index(chosen, classes)
+        except VitDeployError as exc:
+            raise ApiError(400, str(exc).replace("--class", "class")) from None
+        items = await _read_images(request, config, multiple=False)
+        async with admitted():
+            image = (await decode(items))[0]
+            served = (await predict_decoded([image], 1))[0][0]
+        target = served["class_index"] if target is None else target
+        try:
+            record, heat, seconds = await explainer.explain(image, method, target)
+        except ExplainBusy as exc:
+            raise ApiError(503, f"explainer busy: {exc}; retry later", {"Retry-After": RETRY_AFTER_S}) from None
+        metrics.explain_seconds.observe(seconds)
+        if fmt == "png":
+            return Response(overlay_png(image, heat), media_type="image/png")
+        pytorch_top1 = record.pop("predictions")[0]
+        return JSONResponse({
+            "model": manifest["model"]["name"], **record,
+            "served_top1": {**served, "backend": config.backend, "precision": config.precision},
+            "pytorch_top1": pytorch_top1,
+            "top1_differs": pytorch_top1["class_index"] != served["class_index"],
+            "seconds": seconds,
+        })
+
+    @app.get("/favicon.svg")
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(resources.files("vitdeploy.serve").joinpath("favicon.svg").read_bytes(), media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
+
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
@@ -285,7 +344,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             "backend": backend.describe(),
             "serving": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue,
                         "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s,
-                        "read_timeout_s": config.read_timeout_s, "cuda_graph": config.cuda_graph},
+                        "read_timeout_s": config.read_timeout_s, "cuda_graph": config.cuda_graph,
+                        "explain": {"available": explainer is not None, "reason": no_explainer or None,
+                                    "max_waiting": config.explain_queue, "methods": list(METHODS)}},
         }
 
     @app.get("/metrics")

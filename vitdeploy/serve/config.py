@@ -32,6 +32,7 @@ class ServeConfig:
     threads: int | None = None
     checkpoint: Path | None = None
     cuda_graph: bool = False
+    explain_queue: int = 4
 
     @property
     def shutdown_timeout_s(self) -> int:
@@ -54,6 +55,7 @@ class ServeConfig:
             (0 < self.timeout_s <= 3600, "--timeout-s must be in (0, 3600]"),
             (0 < self.read_timeout_s <= 600, "--read-timeout-s must be in (0, 600]"),
             (self.max_connections >= 1, "--max-connections must be at least 1"),
+            (0 <= self.explain_queue <= 1024, "--explain-queue must be in 0..1024 (0 turns /v1/explain off)"),
             (0 <= self.port <= 65535, f"--port {self.port} is not a TCP port"),
             (self.api_key is None or len(self.api_key.encode("utf-8")) >= 8, "the API key must have at least 8 bytes"),
         ]

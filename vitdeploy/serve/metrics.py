@@ -24,6 +24,8 @@ class Metrics:
         self.in_flight = Gauge("vitdeploy_requests_in_flight", "Prediction requests being read, decoded or queued",
                                registry=self.registry)
         self.images = Counter("vitdeploy_images", "Images answered", registry=self.registry)
+        self.explain_seconds = Histogram("vitdeploy_explain_seconds", "Time per explanation (PyTorch, hooked attention)",
+                                         buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30), registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

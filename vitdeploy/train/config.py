@@ -7,15 +7,11 @@ from typing import Any
 
 from vitdeploy.errors import VitDeployError
 from vitdeploy.models import DEFAULT_MODEL, get_spec
-
-# Random crops are on by default only for runs of at least this many epochs: shorter runs
-# underfit, and crops cost them accuracy (vit_cifar_tiny, 2 epochs on the CPU: 46.77% test
-# accuracy with 4 px crops, 52.03% without; README "Training"). Flips are always on.
-CROP_MIN_EPOCHS = 10
-DEFAULT_CROP_PADDING = 4
+from vitdeploy.train.augment import AUGMENTS
 
 # Options a resumed run may change; every other option is fixed by the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "out", "data_dir", "device", "compile", "log_every", "keep_checkpoints", "eval_batch_size")
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "out", "data_dir", "device", "compile", "log_every", "keep_checkpoints",
+                       "eval_batch_size", "test_size", "test_each_epoch")
 
 
 @dataclass(frozen=True)
@@ -34,8 +30,19 @@ class TrainConfig:
     warmup_frac: float = 0.05
     grad_clip: float = 1.0
     grad_accum: int = 1
-    crop_padding: int = DEFAULT_CROP_PADDING
+    recipe: str = "short"
+    crop_padding: int = 0
+    augment: str = "none"
+    erase_prob: float = 0.0
+    mixup: bool = False
+    cutmix: bool = False
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    ema: bool = False
+    ema_decay: float | None = None  # None: tied to the run's length (see ema.default_decay)
     val_size: int = 5000
+    test_size: int | None = None  # None: the whole test set; 0: no test pass
+    test_each_epoch: bool = False
     subset: int | None = None
     max_steps: int | None = None
     seed: int = 0
@@ -64,6 +71,13 @@ class TrainConfig:
             (0 <= self.warmup_frac < 1, "--warmup-frac must be in [0, 1)"),
             (self.grad_clip >= 0, "--grad-clip must not be negative (0 turns clipping off)"),
             (self.crop_padding >= 0, "--crop-padding must not be negative"),
+            (self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)} (got {self.augment})"),
+            (0 <= self.erase_prob < 1, f"--erase-prob must be in [0, 1) (got {self.erase_prob})"),
+            (not self.mixup or self.mixup_alpha > 0, f"--mixup-alpha must be positive with --mixup on (got {self.mixup_alpha}); or use --no-mixup"),
+            (not self.cutmix or self.cutmix_alpha > 0, f"--cutmix-alpha must be positive with --cutmix on (got {self.cutmix_alpha}); or use --no-cutmix"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1) (got {self.ema_decay})"),
+            (self.val_size >= 1, f"--val-size must be at least 1 (got {self.val_size})"),
+            (self.test_size is None or self.test_size >= 0, f"--test-size must be 0 (no test pass) or more (got {self.test_size})"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.subset is None or self.subset >= 1, "--subset must be at least 1"),
             (self.log_every >= 1, "--log-every must be at least 1"),
@@ -78,30 +92,35 @@ class TrainConfig:
         if self.pretrained and not spec.pretrained:
             raise VitDeployError(f"{self.model} has no pretrained weights; drop --pretrained or pass --weights FILE")
 
+    @property
+    def mixing(self) -> bool:
+        return self.mixup or self.cutmix
+
     def check_ranks(self, world_size: int) -> None:
-        """The global batch must split evenly over the ranks and their micro-batches."""
+        """The global batch must split evenly over the ranks and their micro-batches; with mixup
+        or cutmix each rank's share must be even (samples mix in fixed pairs of the epoch order)."""
         if self.batch_size % (world_size * self.grad_accum):
             raise VitDeployError(
                 f"--batch-size {self.batch_size} is global and must split evenly over {world_size} ranks x "
                 f"--grad-accum {self.grad_accum}; choose a multiple of {world_size * self.grad_accum}"
             )
+        if self.mixing and (self.batch_size // world_size) % 2:
+            raise VitDeployError(
+                f"mixup/cutmix pair neighbouring samples, so each of the {world_size} ranks needs an even share of "
+                f"--batch-size {self.batch_size}; choose a multiple of {2 * world_size}, or use --no-mixup --no-cutmix"
+            )
 
     @classmethod
-    def from_options(cls, model: str, **options: Any) -> TrainConfig:
-        """A config from CLI options; options left as None take the model's recipe or the default."""
+    def from_options(cls, model: str, recipe: str | None = None, **options: Any) -> TrainConfig:
+        """A config from CLI options; options left as None take the recipe's value or the default.
+
+        `recipe` (auto, short, long; see `vitdeploy models`) supplies every training knob the
+        user does not set; config.json records the recipe chosen and every resolved value."""
         spec = get_spec(model)
-        recipe = {
-            "epochs": spec.recipe.epochs,
-            "batch_size": spec.recipe.batch_size,
-            "lr": spec.recipe.lr,
-            "weight_decay": spec.recipe.weight_decay,
-            "layer_decay": spec.recipe.layer_decay,
-            "pretrained": bool(spec.pretrained) and not options.get("weights"),
-        }
+        name, chosen = spec.recipe_for(recipe or "auto", options.get("epochs"))
+        defaults = {**chosen.to_dict(), "recipe": name, "pretrained": bool(spec.pretrained) and not options.get("weights")}
         values = {k: v for k, v in options.items() if v is not None}
-        merged = {**recipe, **values}
-        merged.setdefault("crop_padding", DEFAULT_CROP_PADDING if merged["epochs"] >= CROP_MIN_EPOCHS else 0)
-        return cls(model=model, **merged)
+        return cls(model=model, **{**defaults, **values})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,10 +28,12 @@ from vitdeploy.data import ImageSet, load_splits
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import atomic_write_text, check_output_dir
 from vitdeploy.models import build_model, get_spec, load_exact_state, load_pretrained, load_weights_file, model_from_checkpoint
-from vitdeploy.preprocess import Preprocess, Preprocessing, augment_params, epoch_permutation, random_crop_flip
+from vitdeploy.preprocess import Preprocess, Preprocessing, epoch_permutation
 from vitdeploy.train import distributed
+from vitdeploy.train.augment import Augmenter, AugmentSettings
 from vitdeploy.train.config import TrainConfig
 from vitdeploy.train.distributed import DistContext
+from vitdeploy.train.ema import WeightEMA, default_decay
 from vitdeploy.precision import DTYPES
 from vitdeploy.train.precision import choose_precision
 from vitdeploy.train.schedule import WarmupCosine, build_optimizer
@@ -61,26 +63,24 @@ class DeviceData:
     """One image set held on the device as uint8; batches are gathered, augmented and
     preprocessed there, so the host never touches individual images."""
 
-    def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device) -> None:
+    def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None) -> None:
         pin = device.type == "cuda"
         images = data.images.pin_memory() if pin else data.images
         self.images = images.to(device, non_blocking=pin)
         self.labels = data.labels.to(device, non_blocking=pin)
         self.preprocess = preprocess.to(device)
+        self.augmenter = augmenter
         self.device = device
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batch(self, indices: torch.Tensor, augment: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model input and labels for `indices`; `augment` = (seed, epoch, crop padding)."""
+    def batch(self, indices: torch.Tensor, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model input and targets for `indices`, augmented for `epoch` when given (training)."""
         idx = indices.to(self.device, non_blocking=True)
-        images = self.images[idx]
-        if augment is not None:
-            seed, epoch, pad = augment
-            dy, dx, flip = augment_params(seed, epoch, indices, pad)
-            images = random_crop_flip(images, dy, dx, flip, pad)
-        return self.preprocess(images), self.labels[idx]
+        if epoch is None or self.augmenter is None:
+            return self.preprocess(self.images[idx]), self.labels[idx]
+        return self.augmenter(self.images[idx], self.labels[idx], indices, epoch)
 
 
 @dataclass
@@ -182,7 +182,7 @@ class RunPosition:
     batch: int = 0  # the next batch inside that epoch
     step: int = 0  # optimizer steps done
     best_val_acc: float = -1.0
-    best_epoch: int = 0
+    best_epoch: int = 0  # 1-based epoch the best checkpoint was written in (0: none yet)
     best_step: int = 0
     train_images: int = 0
     train_seconds: float = 0.0
@@ -204,6 +204,7 @@ class _Run:
     """The state of one training process: model, optimizer, data, files."""
 
     def __init__(self, config: TrainConfig, console: Console, resume: dict[str, Any] | None, dist: DistContext) -> None:
+        self.started = time.perf_counter()
         self.config = config
         self.console = console
         self.dist = dist
@@ -216,7 +217,7 @@ class _Run:
         self.local_batch = config.batch_size // dist.world_size
         self.precision = choose_precision(self.device, config.precision)
         self.preprocessing: Preprocessing = self.spec.preprocessing()
-        splits = load_splits(Path(config.data_dir), config.val_size, config.seed, config.subset, config.download)
+        splits = load_splits(Path(config.data_dir), config.val_size, config.seed, config.subset, config.download, config.test_size)
         self.class_names = splits.class_names
         self.steps_per_epoch = len(splits.train) // config.batch_size
         if self.steps_per_epoch == 0:
@@ -228,9 +229,10 @@ class _Run:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         preprocess = Preprocess(self.preprocessing)
-        self.train_data = DeviceData(splits.train, preprocess, self.device)
+        augmenter = Augmenter(self.augment_settings(), preprocess.to(self.device), len(self.class_names), config.seed)
+        self.train_data = DeviceData(splits.train, preprocess, self.device, augmenter)
         self.val_data = DeviceData(splits.val, preprocess, self.device)
-        self.test_data = DeviceData(splits.test, preprocess, self.device)
+        self.test_data = DeviceData(splits.test, preprocess, self.device) if len(splits.test) else None
         self.eval_batch_size = config.eval_batch_size or config.batch_size
 
         torch.manual_seed(config.seed)
@@ -251,6 +253,14 @@ class _Run:
         )
         self.schedule = WarmupCosine(self.optimizer, config.lr, self.total_steps, round(config.warmup_frac * self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.ema = None
+        if config.ema:
+            decay = config.ema_decay or default_decay(self.total_steps)
+            if resume is not None and isinstance(resume.get("ema"), dict) and isinstance(resume["ema"].get("decay"), float):
+                decay = resume["ema"]["decay"]  # the decay the run started with, also when --epochs grows
+            self.ema = WeightEMA(self.model, decay)
+            if resume is not None:
+                self.ema.load_state_dict(resume.get("ema"), self.spec, "the checkpoint to resume")
         self.progress = RunPosition()
         if resume is not None:
             try:
@@ -268,6 +278,19 @@ class _Run:
             self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
             config.grad_accum, config.grad_clip, config.label_smoothing, ddp=dist.active,
         )
+
+    def augment_settings(self) -> AugmentSettings:
+        cfg = self.config
+        return AugmentSettings(
+            crop_padding=cfg.crop_padding, augment=cfg.augment, erase_prob=cfg.erase_prob,
+            mixup_alpha=cfg.mixup_alpha if cfg.mixup else None, cutmix_alpha=cfg.cutmix_alpha if cfg.cutmix else None,
+            fill=tuple(round(255 * m) for m in self.preprocessing.mean),
+        )
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights evaluated, selected and shipped: the EMA when the run keeps one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _load_initial_weights(self) -> None:
         if self.config.weights:
@@ -298,6 +321,7 @@ class _Run:
             "epoch": self.progress.epoch,
             "step": self.progress.step,
             "rng": rng,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "config": self.config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": list(self.class_names),
@@ -390,8 +414,10 @@ class _Run:
                 break
             indices = order[prog.batch * cfg.batch_size: (prog.batch + 1) * cfg.batch_size]
             mine = indices[self.dist.rank * self.local_batch: (self.dist.rank + 1) * self.local_batch]
-            inputs, labels = self.train_data.batch(mine, augment=(cfg.seed, epoch, cfg.crop_padding))
-            pending.append(train_step(self.step_ctx, inputs, labels))
+            inputs, targets = self.train_data.batch(mine, epoch)
+            pending.append(train_step(self.step_ctx, inputs, targets))
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.schedule.step()
             prog.batch += 1
             prog.step += 1
@@ -412,7 +438,7 @@ class _Run:
     def evaluate_and_checkpoint(self, epoch: int) -> dict[str, Any]:
         """Validation, the epoch record and a checkpoint; at an epoch's end the position moves to the next epoch."""
         prog = self.progress
-        val = evaluate(self.model, self.val_data, self.eval_batch_size, self.precision, self.dist)
+        val = evaluate(self.eval_model, self.val_data, self.eval_batch_size, self.precision, self.dist)
         complete = prog.batch == self.steps_per_epoch
         is_best = val["acc"] > prog.best_val_acc
         if is_best:
@@ -426,7 +452,11 @@ class _Run:
             "val_acc": val["acc"],
             "val_loss": val["loss"],
             "train_images_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,
+            "train_seconds": prog.train_seconds,
+            "wall_seconds_this_process": time.perf_counter() - self.started,
         }
+        if self.config.test_each_epoch and self.test_data is not None:  # reported, never used to choose
+            record["test_acc"] = evaluate(self.eval_model, self.test_data, self.eval_batch_size, self.precision, self.dist)["acc"]
         self.log(record)
         if complete:
             prog.epoch, prog.batch, prog.epoch_loss = epoch + 1, 0, [0.0, 0]
@@ -434,22 +464,35 @@ class _Run:
         return record
 
     def final_report(self, wall_seconds: float) -> dict[str, Any]:
+        """summary.json: test accuracy of the final and the best weights (null with --test-size 0),
+        and how many images each number was measured on."""
         prog = self.progress
-        final = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision, self.dist)
-        best = final
-        if prog.best_step != prog.step and (self.out / "best.pt").is_file():
-            _spec, best_model = model_from_checkpoint(load_checkpoint(self.out / "best.pt"), str(self.out / "best.pt"))
-            best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision, self.dist)
-        self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
+        final = best = raw = None
+        if self.test_data is not None:
+            final = evaluate(self.eval_model, self.test_data, self.eval_batch_size, self.precision, self.dist)
+            best = final
+            if prog.best_step != prog.step and (self.out / "best.pt").is_file():
+                _spec, best_model = model_from_checkpoint(load_checkpoint(self.out / "best.pt"), str(self.out / "best.pt"))
+                best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision, self.dist)
+            if self.ema is not None:
+                raw = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision, self.dist)
+            self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
         summary = {
             "model": self.spec.name,
-            "epochs": prog.epoch,
+            "recipe": self.config.recipe,
+            "weights": "ema" if self.ema is not None else "model",
+            "ema_decay": self.ema.decay if self.ema is not None else None,
+            "epochs_completed": prog.epoch,
+            "ended_in_epoch": prog.epoch + (1 if prog.batch else 0) if prog.step else 0,
             "steps": prog.step,
             "best_epoch": prog.best_epoch,
+            "best_step": prog.best_step,
             "best_val_acc": prog.best_val_acc,
-            "best_test_acc": best["acc"],
-            "final_test_acc": final["acc"],
-            "test_images": final["images"],
+            "val_images": len(self.val_data),
+            "best_test_acc": best["acc"] if best else None,
+            "final_test_acc": final["acc"] if final else None,
+            "final_test_acc_without_ema": raw["acc"] if raw else None,
+            "test_images": final["images"] if final else 0,
             "train_images": prog.train_images,
             "train_loop_seconds": prog.train_seconds,
             "train_images_per_s": prog.train_images / prog.train_seconds if prog.train_seconds else None,
@@ -614,8 +657,8 @@ def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path 
     ranks = f" x {dist.world_size} ranks ({config.batch_size // dist.world_size} per rank)" if dist.active else ""
     console.print(
         f"training {run.spec.name} on {run.device} ({run.precision}): {len(run.train_data)} train / "
-        f"{len(run.val_data)} val / {len(run.test_data)} test images, {run.total_steps} steps of "
-        f"{config.batch_size}{ranks}; output in {out}"
+        f"{len(run.val_data)} val / {len(run.test_data) if run.test_data else 0} test images, {run.total_steps} steps of "
+        f"{config.batch_size}{ranks}, recipe {config.recipe}{', EMA' if run.ema else ''}; output in {out}"
     )
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -640,9 +683,10 @@ def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path 
                 f"val_loss {record['val_loss']:.4f}  {record['train_images_per_s'] or 0:,.0f} img/s"
             )
     summary = run.final_report(time.perf_counter() - wall_start)
+    tested = (f"test_acc final {100 * summary['final_test_acc']:.2f}% / best {100 * summary['best_test_acc']:.2f}% "
+              f"on {summary['test_images']} images" if summary["test_images"] else "no test pass (--test-size 0)")
     console.print(
-        f"done: best val_acc {100 * summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}), "
-        f"test_acc final {100 * summary['final_test_acc']:.2f}% / best {100 * summary['best_test_acc']:.2f}%, "
-        f"{summary['train_images_per_s'] or 0:,.0f} train img/s; {out / 'summary.json'}"
+        f"done: best val_acc {100 * summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}) on {summary['val_images']} images, "
+        f"{tested}, {summary['train_images_per_s'] or 0:,.0f} train img/s; {out / 'summary.json'}"
     )
     return TrainResult(out, summary, checkpoint=out / "last.pt")

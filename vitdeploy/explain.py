@@ -1,0 +1,215 @@
+"""Where a ViT looks: attention rollout (Abnar & Zuidema 2020) and its gradient-weighted
+form (Chefer et al. 2021) over the patch grid, for every registry model.
+
+torchvision's encoder calls attention with `need_weights=False` (and a fused kernel in
+eval mode), so the weights are never materialized. `AttentionHooks` adds a forward hook
+to each attention module that recomputes it from the same input with explicit weights
+A and returns `out_proj(A V)`: the model's output is unchanged (within float rounding),
+no torchvision code is copied or forked, and A stays in the autograd graph, so the
+gradient of a class score with respect to every A is available.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
+from vitdeploy.errors import VitDeployError
+from vitdeploy.manifest import MANIFEST, read_manifest, same_file
+from vitdeploy.models import model_from_checkpoint
+from vitdeploy.predictions import top_k as top_k_predictions
+from vitdeploy.preprocess import Preprocess, Preprocessing
+
+METHODS = ("rollout", "grad-rollout")
+HEAD_FUSIONS = ("mean", "max")
+
+
+class AttentionHooks:
+    """While active, every `nn.MultiheadAttention` of `model` is recomputed with explicit
+    weights, which are kept in `attentions` (one B x heads x tokens x tokens per layer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        if not self.modules:
+            raise VitDeployError("the model has no attention layers to explain")
+        self.attentions: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> AttentionHooks:
+        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, module: nn.MultiheadAttention, args: tuple, output: Any) -> tuple[torch.Tensor, None]:
+        x = args[0]  # torchvision passes the same normalized tokens as query, key and value (batch first)
+        b, n, e = x.shape
+        h = module.num_heads
+        q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, h, e // h).transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(e // h), dim=-1)
+        self.attentions.append(weights)
+        out = (weights @ v).transpose(1, 2).reshape(b, n, e)
+        return module.out_proj(out), None
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    """B x heads x T x T -> B x T x T."""
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    raise VitDeployError(f"unknown head fusion {head_fusion!r}; use {' or '.join(HEAD_FUSIONS)}")
+
+
+def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+    """Attention rollout: per layer the head-fused attention, its weakest `discard_ratio` of
+    entries dropped (the class token's own column kept), plus the identity for the residual
+    path, rows renormalized; multiplied through the layers. Returns the class token's row
+    over the patch tokens (B x patches)."""
+    result = None
+    for attention in attentions:
+        fused = fuse_heads(attention.detach().float(), head_fusion)
+        b, t, _ = fused.shape
+        if discard_ratio > 0:
+            flat = fused.reshape(b, -1).clone()
+            drop = flat.topk(int(flat.shape[1] * discard_ratio), dim=1, largest=False).indices
+            keep_cls = drop % t == 0  # entries of column 0 (attention to the class token) stay
+            flat.scatter_(1, drop, torch.where(keep_cls, flat.gather(1, drop), torch.zeros_like(drop, dtype=flat.dtype)))
+            fused = flat.reshape(b, t, t)
+        step = (fused + torch.eye(t, device=fused.device)) / 2
+        step = step / step.sum(dim=-1, keepdim=True)
+        result = step if result is None else step @ result
+    assert result is not None
+    return result[:, 0, 1:]
+
+
+def grad_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
+    """Gradient-weighted rollout (Chefer et al. 2021): R = I, then per layer
+    R <- R + mean_heads(relu(grad * A)) R. Returns the class token's row over the patch
+    tokens (B x patches)."""
+    relevance = None
+    for attention, grad in zip(attentions, gradients, strict=True):
+        weighted = (grad.detach().float() * attention.detach().float()).clamp(min=0).mean(dim=1)
+        if relevance is None:
+            relevance = torch.eye(weighted.shape[-1], device=weighted.device).expand_as(weighted).clone()
+        relevance = relevance + weighted @ relevance
+    assert relevance is not None
+    return relevance[:, 0, 1:]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One batch's maps (B x grid x grid, each scaled to a maximum of 1), the logits, and the
+    class each map explains."""
+
+    maps: torch.Tensor
+    logits: torch.Tensor
+    classes: torch.Tensor
+    method: str
+    head_fusion: str
+    discard_ratio: float
+
+
+def explain_batch(model: nn.Module, inputs: torch.Tensor, method: str = "rollout", head_fusion: str = "mean",
+                  discard_ratio: float = 0.0, target: torch.Tensor | None = None) -> Explanation:
+    """Maps for a batch of model inputs (normalized, at the model's input size). `target`
+    (B class indices) picks the class for grad-rollout; default: each image's top-1."""
+    check_options(method, head_fusion, discard_ratio)
+    model.eval()
+    with AttentionHooks(model) as hooks, torch.set_grad_enabled(method == "grad-rollout"):
+        logits = model(inputs)
+        classes = logits.argmax(dim=1) if target is None else target
+        if method == "rollout":
+            patch_scores = rollout(hooks.attentions, head_fusion, discard_ratio)
+        else:
+            score = logits.gather(1, classes[:, None]).sum()
+            gradients = torch.autograd.grad(score, hooks.attentions)
+            patch_scores = grad_rollout(hooks.attentions, list(gradients))
+    grid = math.isqrt(patch_scores.shape[1])
+    if grid * grid != patch_scores.shape[1]:
+        raise VitDeployError(f"{patch_scores.shape[1]} patch tokens do not form a square grid")
+    maps = patch_scores.reshape(-1, grid, grid)
+    maps = maps / maps.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
+    return Explanation(maps.cpu(), logits.detach().float().cpu(), classes.detach().cpu(), method, head_fusion, discard_ratio)
+
+
+def load_explained_model(source: Path, checkpoint: Path | None = None) -> tuple[nn.Module, Preprocessing, list[str], Path]:
+    """The PyTorch model behind an artifact folder (its recorded checkpoint, or `checkpoint`,
+    which must be that same file), a run folder or a checkpoint file; with its
+    preprocessing, class names and the checkpoint's path."""
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        recorded = read_manifest(source)["model"]["source_checkpoint"]
+        path = Path(checkpoint or recorded["path"])
+        if not same_file(path, recorded["sha256"]):
+            raise VitDeployError(
+                f"explain needs the PyTorch weights behind {source}, but its checkpoint {path} is missing, unreadable or "
+                "not the one exported; pass that checkpoint with --checkpoint (or explain a run folder)"
+            )
+    else:
+        path = resolve_checkpoint(checkpoint or source)
+    loaded = load_checkpoint(path)
+    _spec, model = model_from_checkpoint(loaded, str(path))
+    return model.eval(), Preprocessing.from_dict(loaded["preprocessing"]), list(loaded["class_names"]), path
+
+
+def class_index(choice: str, class_names: list[str]) -> int:
+    """A class given by name or by index (ASCII digits)."""
+    if choice in class_names:
+        return class_names.index(choice)
+    if choice.isascii() and choice.isdigit() and int(choice) < len(class_names):
+        return int(choice)
+    raise VitDeployError(f"--class must be a class name ({', '.join(class_names)}) or an index from 0 to "
+                         f"{len(class_names) - 1} (got {choice[:40]!r})")
+
+
+def check_options(method: str, head_fusion: str, discard_ratio: float) -> None:
+    """Refuse an unknown method or head fusion, or a discard ratio outside [0, 1), before any work."""
+    if method not in METHODS:
+        raise VitDeployError(f"unknown method {method!r}; use {' or '.join(METHODS)}")
+    if head_fusion not in HEAD_FUSIONS:
+        raise VitDeployError(f"unknown head fusion {head_fusion!r}; use {' or '.join(HEAD_FUSIONS)}")
+    if not 0 <= discard_ratio < 1:
+        raise VitDeployError(f"--discard-ratio must be in [0, 1) (got {discard_ratio})")
+
+
+def explain_images(model: nn.Module, preprocessing: Preprocessing, class_names: list[str], images: np.ndarray,
+                   method: str = "rollout", head_fusion: str = "mean", discard_ratio: float = 0.0,
+                   target: int | None = None, top_k: int = 5) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """For uint8 images (N x 3 x H x W at the source size): one JSON-ready record each (top-k
+    classes, the class explained, the map as numbers) and the maps (N x grid x grid)."""
+    check_options(method, head_fusion, discard_ratio)
+    inputs = Preprocess(preprocessing)(torch.from_numpy(np.ascontiguousarray(images)))
+    chosen = None if target is None else torch.full((len(images),), target, dtype=torch.int64)
+    result = explain_batch(model, inputs, method, head_fusion, discard_ratio, chosen)
+    maps = result.maps.numpy()
+    grid = maps.shape[-1]
+    records = []
+    for logits, cls, heat in zip(result.logits.numpy(), result.classes.tolist(), maps, strict=True):
+        logits = logits.astype(np.float64)
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        records.append({
+            "method": method,
+            **({"head_fusion": head_fusion, "discard_ratio": discard_ratio} if method == "rollout" else {}),
+            "class": {"index": cls, "label": class_names[cls], "probability": float(probabilities[cls])},
+            "predictions": top_k_predictions(logits, class_names, top_k),
+            "grid": [grid, grid],
+            "patch_size": preprocessing.input_size // grid,
+            "input_size": preprocessing.input_size,
+            "map": np.round(heat, 5).tolist(),
+            "map_definition": "relevance of each patch (row-major, top-left first) to the class token, scaled to a maximum of 1",
+        })
+    return records, maps
