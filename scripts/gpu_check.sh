@@ -161,7 +161,7 @@ fi
 long_run() {
   local epochs rc
   rm -rf "$W/runs/cifar_long"
-  "$PY" -m vitdeploy bench-train --model "$LONG_MODEL" "${LONG_RATE[@]}" --source real --data-dir "$DATA" \
+  "$PY" -m vitdeploy bench-train --model "$LONG_MODEL" --recipe long "${LONG_RATE[@]}" --source real --data-dir "$DATA" \
     --device "$DEVICE" --json "$RES/cifar_long_rate.json" || return 1
   epochs=$("$PY" scripts/long_epochs.py "$RES/cifar_long_rate.json" --seconds "$LONG_SECONDS" --data-dir "$DATA" \
     "${LONG_TRAIN[@]}") || return 1

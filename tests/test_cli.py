@@ -104,3 +104,10 @@ def test_resume_with_another_model_and_debug_traceback(cifar_root: Path, tmp_pat
 def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
     assert_one_line_error(run_cli("train", "--resume", str(tmp_path / "x.pt")), "not a vitdeploy checkpoint")
+
+
+def test_train_refuses_an_unknown_recipe_and_a_test_size_beyond_the_set(cifar_root: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli(*TRAIN, "--recipe", "fast", "--out", str(tmp_path / "run")), "unknown recipe 'fast'", "auto, short or long")
+    result = run_cli(*TRAIN, "--data-dir", str(cifar_root), "--test-size", "51", "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, "--test-size must be between 0 (no test pass) and 50")
+    assert not (tmp_path / "run").exists()

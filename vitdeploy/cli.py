@@ -307,13 +307,14 @@ def bench_train(
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="Arithmetic, as for train.")] = Precision.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    recipe: Annotated[str, typer.Option(help="Whose augmentation the real data goes through (and default batch): auto (each model's default recipe), short or long.")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the records to this JSON file (rewritten after each measurement).")] = None,
 ) -> None:
     """Training throughput (images/s) with real data vs synthetic tensors: is the input pipeline the bottleneck?"""
     from vitdeploy.train.throughput import measure
 
     sources = ["real", "synthetic"] if source is Source.both else [source.value]
-    records = measure(model, batch_size, steps, warmup_steps, sources, data_dir, device.value, precision.value, compile, json_out)
+    records = measure(model, batch_size, steps, warmup_steps, sources, data_dir, device.value, precision.value, compile, json_out, recipe)
     table = Table("model", "source", "precision", "batch", "images/s", "ms/step", title=f"training throughput on {records[0]['device']['name']}")
     for r in records:
         table.add_row(r["model"], r["source"], r["precision"], str(r["batch_size"]), f"{r['train_images_per_s']:,.1f}", f"{r['step_ms_mean']:.1f}")

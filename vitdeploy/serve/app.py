@@ -148,7 +148,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     size: int = manifest["preprocessing"]["source_size"]
     metrics = Metrics()
     backend = load_backend(config, manifest)
-    explainer, no_explainer = Explainer.open(config.artifacts, config.checkpoint, config.explain_queue)
+    explainer, no_explainer = Explainer.open(config.artifacts, config.checkpoint, config.explain_queue,
+                                             threads=None if config.backend == "pytorch" else 1)
     if explainer is None:
         log.warning("/v1/explain will answer 503: %s", no_explainer)
     state: dict[str, Any] = {"ready": False, "batcher": None, "in_flight": 0}

@@ -37,8 +37,14 @@ class Explainer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitdeploy-explain")
 
     @classmethod
-    def open(cls, artifacts: Path, checkpoint: Path | None, max_waiting: int) -> tuple[Explainer | None, str]:
-        """The explainer, or None and the reason /v1/explain will give (the server starts either way)."""
+    def open(cls, artifacts: Path, checkpoint: Path | None, max_waiting: int,
+             threads: int | None = None) -> tuple[Explainer | None, str]:
+        """The explainer, or None and the reason /v1/explain will give (the server starts either way).
+
+        `threads` caps PyTorch's CPU threads: when another runtime serves predictions, PyTorch
+        does nothing but explain, and one thread leaves the other cores to predictions."""
+        if threads is not None:
+            torch.set_num_threads(threads)
         if max_waiting == 0:
             return None, "explanations are turned off (--explain-queue 0)"
         try:

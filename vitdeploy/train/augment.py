@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,16 @@ class AugmentSettings:
     @property
     def mixing(self) -> bool:
         return self.mixup_alpha is not None or self.cutmix_alpha is not None
+
+    @classmethod
+    def of(cls, knobs: Any, mean: tuple[float, float, float]) -> AugmentSettings:
+        """The settings a TrainConfig or a Recipe describes (same field names); erased boxes
+        take the colour of the normalization `mean`."""
+        return cls(
+            crop_padding=knobs.crop_padding, augment=knobs.augment, erase_prob=knobs.erase_prob,
+            mixup_alpha=knobs.mixup_alpha if knobs.mixup else None, cutmix_alpha=knobs.cutmix_alpha if knobs.cutmix else None,
+            fill=tuple(round(255 * m) for m in mean),
+        )
 
 
 def trivial_params(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -229,7 +229,8 @@ class _Run:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         preprocess = Preprocess(self.preprocessing)
-        augmenter = Augmenter(self.augment_settings(), preprocess.to(self.device), len(self.class_names), config.seed)
+        augmenter = Augmenter(AugmentSettings.of(config, self.preprocessing.mean), preprocess.to(self.device),
+                              len(self.class_names), config.seed)
         self.train_data = DeviceData(splits.train, preprocess, self.device, augmenter)
         self.val_data = DeviceData(splits.val, preprocess, self.device)
         self.test_data = DeviceData(splits.test, preprocess, self.device) if len(splits.test) else None
@@ -277,14 +278,6 @@ class _Run:
         self.step_ctx = StepContext(
             self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
             config.grad_accum, config.grad_clip, config.label_smoothing, ddp=dist.active,
-        )
-
-    def augment_settings(self) -> AugmentSettings:
-        cfg = self.config
-        return AugmentSettings(
-            crop_padding=cfg.crop_padding, augment=cfg.augment, erase_prob=cfg.erase_prob,
-            mixup_alpha=cfg.mixup_alpha if cfg.mixup else None, cutmix_alpha=cfg.cutmix_alpha if cfg.cutmix else None,
-            fill=tuple(round(255 * m) for m in self.preprocessing.mean),
         )
 
     @property

@@ -11,8 +11,10 @@ from typing import Any, Callable
 import torch
 
 from vitdeploy.data import ImageSet, load_train
+from vitdeploy.errors import VitDeployError
 from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess
+from vitdeploy.train.augment import Augmenter, AugmentSettings
 from vitdeploy.train.loop import DeviceData, StepContext, resolve_device, train_step
 from vitdeploy.train.precision import choose_precision
 from vitdeploy.train.schedule import build_optimizer
@@ -26,13 +28,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _real_batches(images: ImageSet, preprocess: Preprocess, device: torch.device, batch_size: int) -> Batches:
-    data = DeviceData(images, preprocess, device)
+def _real_batches(images: ImageSet, preprocess: Preprocess, device: torch.device, batch_size: int,
+                  augment: AugmentSettings) -> Batches:
+    data = DeviceData(images, preprocess, device, Augmenter(augment, preprocess.to(device), 10, seed=0))
     order = torch.randperm(len(data))
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = (i * batch_size) % (len(data) - batch_size + 1)
-        return data.batch(order[start:start + batch_size], augment=(0, 0, 4))
+        return data.batch(order[start:start + batch_size], epoch=i)
 
     return batch
 
@@ -66,8 +69,10 @@ def measure(
     precision: str = "auto",
     compile: bool = False,
     json_out: Path | None = None,
+    recipe: str = "auto",
 ) -> list[dict[str, Any]]:
-    """One record per model and source: images/s over `steps` timed optimizer steps.
+    """One record per model and source: images/s over `steps` timed optimizer steps; real
+    data goes through the augmentation of `recipe` (auto: the model's default recipe).
 
     The device is synchronized before and after the timed steps, so the time covers the
     work, not just its launch. The JSON file is rewritten after each measurement, so an
@@ -79,22 +84,27 @@ def measure(
     records: list[dict[str, Any]] = []
     for name in models:
         spec = get_spec(name)
-        batch = batch_size or spec.recipe.batch_size
+        recipe_name, chosen = spec.recipe_for(recipe, None)
+        batch = batch_size or chosen.batch_size
         torch.manual_seed(0)
         model = build_model(spec).to(device)
-        optimizer = build_optimizer(model, spec.recipe.lr, spec.recipe.weight_decay, 1.0, spec.num_layers, fused=device.type == "cuda")
+        optimizer = build_optimizer(model, chosen.lr, chosen.weight_decay, 1.0, spec.num_layers, fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         ctx = StepContext(torch.compile(model) if compile else model, optimizer, scaler, device, precision, 1, 1.0, 0.1)
         by_source = {}
         for source in sources:
             if source == "real":
-                batches = _real_batches(images, Preprocess(spec.preprocessing()), device, batch)
+                augment = AugmentSettings.of(chosen, spec.mean)
+                if augment.mixing and batch % 2:
+                    raise VitDeployError(f"the {recipe_name} recipe mixes images in pairs: use an even --batch-size (got {batch})")
+                batches = _real_batches(images, Preprocess(spec.preprocessing()), device, batch, augment)
             else:
                 batches = _synthetic_batches(spec.input_size, device, batch)
             seconds = _time_steps(ctx, batches, steps, warmup_steps)
             record = {
                 "model": spec.name,
                 "source": source,
+                "recipe": recipe_name,
                 "precision": precision,
                 "batch_size": batch,
                 "input_px": spec.input_size,
