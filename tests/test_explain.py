@@ -216,3 +216,15 @@ def test_explainer_takes_one_at_a_time_and_refuses_beyond_its_queue(trained: Pat
     assert len(threads) == 1 and explainer.pending == 0
     explainer.close()
     assert Explainer.open(trained, None, max_waiting=0)[0] is None
+
+
+def test_many_images_are_explained_in_chunks_with_the_same_maps(trained: Path, cifar_root: Path) -> None:
+    from vitdeploy.explain import EXPLAIN_CHUNK
+    from vitdeploy.preprocess import Preprocess
+
+    model, preprocessing, classes, _ = load_explained_model(trained)
+    images = load_test(cifar_root).images[:EXPLAIN_CHUNK + 3].numpy()
+    records, maps = explain_images(model, preprocessing, classes, images)
+    whole = explain_batch(model, Preprocess(preprocessing)(torch.from_numpy(images)))
+    np.testing.assert_allclose(maps, whole.maps.numpy(), atol=1e-5)
+    assert len(records) == len(images)

@@ -30,6 +30,7 @@ from vitdeploy.preprocess import Preprocess, Preprocessing
 
 METHODS = ("rollout", "grad-rollout")
 HEAD_FUSIONS = ("mean", "max")
+EXPLAIN_CHUNK = 8  # images per forward (and backward) pass
 
 
 class AttentionHooks:
@@ -191,13 +192,18 @@ def explain_images(model: nn.Module, preprocessing: Preprocessing, class_names: 
     """For uint8 images (N x 3 x H x W at the source size): one JSON-ready record each (top-k
     classes, the class explained, the map as numbers) and the maps (N x grid x grid)."""
     check_options(method, head_fusion, discard_ratio)
-    inputs = Preprocess(preprocessing)(torch.from_numpy(np.ascontiguousarray(images)))
-    chosen = None if target is None else torch.full((len(images),), target, dtype=torch.int64)
-    result = explain_batch(model, inputs, method, head_fusion, discard_ratio, chosen)
-    maps = result.maps.numpy()
+    preprocess = Preprocess(preprocessing)
+    results = []
+    for first in range(0, len(images), EXPLAIN_CHUNK):  # bounded memory: attention of every layer is kept per chunk
+        chunk = torch.from_numpy(np.ascontiguousarray(images[first:first + EXPLAIN_CHUNK]))
+        chosen = None if target is None else torch.full((len(chunk),), target, dtype=torch.int64)
+        results.append(explain_batch(model, preprocess(chunk), method, head_fusion, discard_ratio, chosen))
+    maps = torch.cat([r.maps for r in results]).numpy()
+    all_logits = torch.cat([r.logits for r in results]).numpy()
+    all_classes = torch.cat([r.classes for r in results]).tolist()
     grid = maps.shape[-1]
     records = []
-    for logits, cls, heat in zip(result.logits.numpy(), result.classes.tolist(), maps, strict=True):
+    for logits, cls, heat in zip(all_logits, all_classes, maps, strict=True):
         logits = logits.astype(np.float64)
         probabilities = np.exp(logits - logits.max())
         probabilities /= probabilities.sum()
