@@ -104,6 +104,14 @@ def test_mixup_and_cutmix_targets() -> None:
     plain = aug.preprocess(flat)
     lam = y[torch.arange(n), labels][~same]
     torch.testing.assert_close(x[~same], lam.view(-1, 1, 1, 1) * plain[~same] + (1 - lam.view(-1, 1, 1, 1)) * plain[partner][~same])
+    both = augmenter(AugmentSettings(mixup_alpha=0.8, cutmix_alpha=1.0), seed=2)  # a mixup sample whose partner is cut
+    x, y = both(flat, labels, torch.arange(n), epoch=0)  # blends with the partner's own image, not its cut one
+    plan = mix_plan(sample_uniforms(2, 0, torch.arange(n), 4, 4), 0.8, 1.0, 32, 32)
+    blended = torch.from_numpy(~plan.cut & plan.cut[partner.numpy()])
+    assert blended.any()
+    lam = torch.from_numpy(plan.lam).float().view(-1, 1, 1, 1)
+    expected = lam * plain + (1 - lam) * plain[partner]
+    torch.testing.assert_close(x[blended], expected[blended])
 
 
 def test_mix_plan_choice_and_beta_draws() -> None:

@@ -298,12 +298,14 @@ class Augmenter:
         if n % 2:
             raise ValueError(f"mixup/cutmix need an even batch, got {n}")
         plan = mix_plan(sample_uniforms(seed, epoch, sample_ids, _MIX, 4), cfg.mixup_alpha, cfg.cutmix_alpha, h, w)
-        other = partners(n).to(images.device)
-        images = torch.where(box_mask(plan.boxes, h, w, images.device), images[other], images)
-        x = self.preprocess(images)
-        lam = torch.from_numpy(plan.lam).to(device=x.device, dtype=torch.float32)
-        blend = torch.where(torch.from_numpy(plan.cut).to(x.device), 1.0, lam).view(-1, 1, 1, 1)
-        x = blend * x + (1 - blend) * x[other]
+        partner = images[partners(n).to(images.device)]  # the partner's own augmented image, before any mixing
+        lam = torch.from_numpy(plan.lam).to(device=images.device, dtype=torch.float32)
+        blend = torch.where(torch.from_numpy(plan.cut).to(images.device), 1.0, lam).view(-1, 1, 1, 1)
+        # cutmix: the partner inside the box; mixup: lam * own + (1 - lam) * partner. Mixing before
+        # preprocessing equals mixing after it: normalization and bilinear resizing are affine.
+        cut = torch.where(box_mask(plan.boxes, h, w, images.device), partner, images)
+        x = self.preprocess(cut.float() * blend + partner.float() * (1 - blend))
+        other = partners(n).to(labels.device)
         onehot = F.one_hot(labels, self.num_classes).float()
         targets = lam[:, None] * onehot + (1 - lam[:, None]) * onehot[other]
         return x, targets
