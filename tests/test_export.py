@@ -40,6 +40,7 @@ def test_manifest_describes_everything(exported: Path, trained: Path) -> None:
     assert kinds[("onnx", "fp32")]["parity"]["max_abs_logit_diff"] < 1e-3
     assert manifest["tensorrt"]["built"] is False and "TensorRT" in manifest["tensorrt"]["reason"]
     assert manifest["model"]["source_checkpoint"]["path"].endswith("best.pt")
+    assert manifest["model"]["weights"] == "model"  # a run without EMA exports its trained weights
 
 
 def test_onnx_metadata_and_checker(exported: Path) -> None:
