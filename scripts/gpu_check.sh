@@ -152,7 +152,7 @@ section ddp 120 bash -c ddp_check
 # accuracy and times as it goes, and metrics.jsonl is kept even when the budget cuts the run: the curve survives.
 if [ "$SMOKE" = 1 ]; then
   LONG_MODEL=vit_cifar_tiny; LONG_RATE=(--batch-size 16 --steps 2 --warmup-steps 1); LONG_TRAIN=(--subset 64 --val-size 40 \
-    --batch-size 16 --test-size 40); LONG_SECONDS=4; LONG_TRAIN_LIMIT=150; LONG_BUDGET=240
+    --batch-size 16 --test-size 40); LONG_SECONDS=1; LONG_TRAIN_LIMIT=150; LONG_BUDGET=240
 else
   LONG_MODEL=vit_cifar_small; LONG_RATE=(--batch-size 512 --steps 40 --warmup-steps 5 --precision bf16 --compile)
   LONG_TRAIN=(--precision bf16 --compile); LONG_SECONDS=${GPU_CHECK_LONG_SECONDS:-300}
