@@ -30,6 +30,7 @@ def test_help_version_and_models() -> None:
     rows = json.loads(run_cli("models", "--json").stdout)
     tiny = next(r for r in rows if r["name"] == "vit_cifar_tiny")
     assert tiny["input_px"] == 32 and 2.6 < tiny["params_millions"] < 2.8 and tiny["gflops_per_image"] > 0
+    assert tiny["default_recipe"] == "long" and tiny["recipes"]["short"]["epochs"] == 2 and tiny["recipes"]["long"]["ema"]
     assert "1 multiply-add = 2 FLOPs" in run_cli("models").stdout
 
 
