@@ -145,8 +145,16 @@ def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def _color_op(name: str, images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """One colour op over a group of samples; `m` holds their magnitudes (N float32)."""
+def _color_op(name: str, images: torch.Tensor, magnitude: np.ndarray) -> torch.Tensor:
+    """One colour op over a group of samples with their magnitudes (host values: posterize
+    groups by them without reading anything back from the device)."""
+    if name == "posterize":
+        out = images.clone()
+        for bits in np.unique(magnitude):
+            chosen = torch.from_numpy(magnitude == bits).to(images.device)
+            out[chosen] = TF.posterize(images[chosen], int(bits))
+        return out
+    m = torch.from_numpy(magnitude).to(device=images.device, dtype=torch.float32)
     factor = (1 + m).view(-1, 1, 1, 1)
     if name == "brightness":
         return (images.float() * factor).clamp_(0, 255).to(torch.uint8)
@@ -158,12 +166,6 @@ def _color_op(name: str, images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return _sharpness(images, factor)
     if name == "solarize":
         return torch.where(images >= m.view(-1, 1, 1, 1), 255 - images, images)
-    if name == "posterize":
-        out = images.clone()
-        for bits in torch.unique(m).tolist():
-            chosen = m == bits
-            out[chosen] = TF.posterize(images[chosen], int(bits))
-        return out
     if name == "autocontrast":
         return TF.autocontrast(images)
     if name == "equalize":
@@ -174,7 +176,6 @@ def _color_op(name: str, images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def trivial_augment(images: torch.Tensor, op: np.ndarray, magnitude: np.ndarray) -> torch.Tensor:
     """Apply each sample's TrivialAugmentWide op (uint8 N x 3 x H x W in and out)."""
     out = images.clone()
-    mags = torch.from_numpy(magnitude).to(device=images.device, dtype=torch.float32)
     geo = np.flatnonzero(np.isin(op, [OP_NAMES.index(g) for g in _GEOMETRIC]))
     if len(geo):
         idx = torch.from_numpy(geo).to(images.device)
@@ -185,7 +186,7 @@ def trivial_augment(images: torch.Tensor, op: np.ndarray, magnitude: np.ndarray)
         chosen = np.flatnonzero(op == k)
         if len(chosen):
             idx = torch.from_numpy(chosen).to(images.device)
-            out[idx] = _color_op(name, images[idx], mags[idx])
+            out[idx] = _color_op(name, images[idx], magnitude[chosen])
     return out
 
 
@@ -298,14 +299,14 @@ class Augmenter:
         if n % 2:
             raise ValueError(f"mixup/cutmix need an even batch, got {n}")
         plan = mix_plan(sample_uniforms(seed, epoch, sample_ids, _MIX, 4), cfg.mixup_alpha, cfg.cutmix_alpha, h, w)
-        partner = images[partners(n).to(images.device)]  # the partner's own augmented image, before any mixing
-        lam = torch.from_numpy(plan.lam).to(device=images.device, dtype=torch.float32)
-        blend = torch.where(torch.from_numpy(plan.cut).to(images.device), 1.0, lam).view(-1, 1, 1, 1)
+        other = partners(n).to(images.device)
+        partner = images[other]  # the partner's own augmented image, before any mixing
+        blend = torch.from_numpy(np.where(plan.cut, 1.0, plan.lam)).to(device=images.device, dtype=torch.float32)
         # cutmix: the partner inside the box; mixup: lam * own + (1 - lam) * partner. Mixing before
         # preprocessing equals mixing after it: normalization and bilinear resizing are affine.
         cut = torch.where(box_mask(plan.boxes, h, w, images.device), partner, images)
-        x = self.preprocess(cut.float() * blend + partner.float() * (1 - blend))
-        other = partners(n).to(labels.device)
+        x = self.preprocess(cut.float() * blend.view(-1, 1, 1, 1) + partner.float() * (1 - blend.view(-1, 1, 1, 1)))
+        lam = torch.from_numpy(plan.lam).to(device=labels.device, dtype=torch.float32)[:, None]
         onehot = F.one_hot(labels, self.num_classes).float()
-        targets = lam[:, None] * onehot + (1 - lam[:, None]) * onehot[other]
+        targets = lam * onehot + (1 - lam) * onehot[other]
         return x, targets
