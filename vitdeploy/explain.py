@@ -23,7 +23,7 @@ from torch import nn
 
 from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
 from vitdeploy.errors import VitDeployError
-from vitdeploy.manifest import MANIFEST, read_manifest, same_file
+from vitdeploy.manifest import MANIFEST, read_manifest, recorded_checkpoint
 from vitdeploy.models import model_from_checkpoint
 from vitdeploy.predictions import top_k as top_k_predictions
 from vitdeploy.preprocess import Preprocess, Preprocessing
@@ -118,9 +118,6 @@ class Explanation:
     maps: torch.Tensor
     logits: torch.Tensor
     classes: torch.Tensor
-    method: str
-    head_fusion: str
-    discard_ratio: float
 
 
 def explain_batch(model: nn.Module, inputs: torch.Tensor, method: str = "rollout", head_fusion: str = "mean",
@@ -143,7 +140,7 @@ def explain_batch(model: nn.Module, inputs: torch.Tensor, method: str = "rollout
         raise VitDeployError(f"{patch_scores.shape[1]} patch tokens do not form a square grid")
     maps = patch_scores.reshape(-1, grid, grid)
     maps = maps / maps.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
-    return Explanation(maps.cpu(), logits.detach().float().cpu(), classes.detach().cpu(), method, head_fusion, discard_ratio)
+    return Explanation(maps.cpu(), logits.detach().float().cpu(), classes.detach().cpu())
 
 
 def load_explained_model(source: Path, checkpoint: Path | None = None) -> tuple[nn.Module, Preprocessing, list[str], Path]:
@@ -152,13 +149,7 @@ def load_explained_model(source: Path, checkpoint: Path | None = None) -> tuple[
     preprocessing, class names and the checkpoint's path."""
     source = Path(source)
     if (source / MANIFEST).is_file():
-        recorded = read_manifest(source)["model"]["source_checkpoint"]
-        path = Path(checkpoint or recorded["path"])
-        if not same_file(path, recorded["sha256"]):
-            raise VitDeployError(
-                f"explain needs the PyTorch weights behind {source}, but its checkpoint {path} is missing, unreadable or "
-                "not the one exported; pass that checkpoint with --checkpoint (or explain a run folder)"
-            )
+        path = recorded_checkpoint(read_manifest(source), checkpoint, "explain needs the PyTorch weights")
     else:
         path = resolve_checkpoint(checkpoint or source)
     loaded = load_checkpoint(path)

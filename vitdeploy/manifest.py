@@ -219,9 +219,16 @@ def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = N
     return None
 
 
-def same_file(path: Path, sha256: str) -> bool:
-    """`path` is a readable file with this sha256 (one answer for missing, unreadable and different)."""
+def recorded_checkpoint(manifest: dict[str, Any], override: Path | None, needed_by: str) -> Path:
+    """The training checkpoint an export came from (`override` if it moved), verified by the
+    sha256 the manifest records; `needed_by` ("X needs Y") opens the error."""
+    source = manifest["model"]["source_checkpoint"]
+    path = Path(override or source["path"])
     try:
-        return path.is_file() and sha256_file(path) == sha256
+        unchanged = path.is_file() and sha256_file(path) == source["sha256"]
     except OSError:
-        return False
+        unchanged = False
+    if not unchanged:
+        raise VitDeployError(f"{needed_by}: the checkpoint the artifacts came from, {path}, is missing, unreadable or "
+                             "differs; pass its new place with --checkpoint")
+    return path

@@ -12,7 +12,7 @@ import torch
 
 from vitdeploy.backends.base import Backend
 from vitdeploy.errors import VitDeployError
-from vitdeploy.manifest import artifact_path, find_artifact, same_file
+from vitdeploy.manifest import artifact_path, find_artifact, recorded_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.tensorrt_runtime import default_profiles
 from vitdeploy.versions import cpu_flags
@@ -76,11 +76,7 @@ def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, comp
     from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.models import model_from_checkpoint
 
-    source = manifest["model"]["source_checkpoint"]
-    path = Path(checkpoint or source["path"])
-    if not same_file(path, source["sha256"]):
-        raise VitDeployError(f"the pytorch backend needs the checkpoint the artifacts came from, {path}, unchanged; "
-                             "it is missing, unreadable or differs (pass its new place with --checkpoint)")
+    path = recorded_checkpoint(manifest, checkpoint, "the pytorch backend needs the training weights")
     state = load_checkpoint(path)
     _spec, model = model_from_checkpoint(state, str(path))
     device = "cuda" if precision != "fp32" or torch.cuda.is_available() else "cpu"
