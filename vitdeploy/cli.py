@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -506,6 +505,8 @@ def explain(
     """Where the model looks: a heat map over the patch grid per image, from the PyTorch model of the checkpoint."""
     import re
 
+    import numpy as np
+
     from vitdeploy.explain import check_options, class_index, explain_images, load_explained_model
     from vitdeploy.files import atomic_write_bytes, atomic_write_text
     from vitdeploy.images import load_image_file
@@ -522,8 +523,11 @@ def explain(
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     for image, pixels, record, heat in zip(images, batch, records, maps, strict=True):
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"
-        name = name if name not in used else f"{name}-{len(used)}"
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"
+        name, n = stem, 0
+        while name in used:  # the same file name twice (from different folders) keeps both
+            n += 1
+            name = f"{stem}-{n}"
         used.add(name)
         record = {"image": str(image), "checkpoint": str(path), **record}
         title = f"{record['class']['label']} {100 * record['class']['probability']:.1f}%  ({method})  {image.name}"

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 PANEL = 224  # px per panel
 PAD = 8
 TITLE = 24
+ALPHA = 0.5  # weight of the map in the overlay
 # A perceptually ordered colour map (dark blue -> teal -> yellow), by linear steps between anchors.
 _ANCHORS = np.array([[48, 18, 59], [40, 110, 200], [30, 180, 160], [150, 220, 60], [250, 230, 40]], dtype=np.float64)
 
@@ -32,29 +33,29 @@ def upsample(grid_map: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64) / 255
 
 
-def overlay_image(image: np.ndarray, grid_map: np.ndarray, size: int = PANEL, alpha: float = 0.5) -> Image.Image:
-    """The image (uint8 3 x H x W) enlarged to `size`, blended with the coloured map."""
-    picture = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((size, size), Image.Resampling.BICUBIC)
-    heat = colorize(upsample(grid_map, size))
-    blended = (1 - alpha) * np.asarray(picture, dtype=np.float64) + alpha * heat
-    return Image.fromarray(np.round(blended).astype(np.uint8))
+def _panels(image: np.ndarray, grid_map: np.ndarray) -> tuple[Image.Image, Image.Image, Image.Image]:
+    """The image (uint8 3 x H x W) enlarged to PANEL px, the coloured map, and the two blended."""
+    picture = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((PANEL, PANEL), Image.Resampling.BICUBIC)
+    heat = colorize(upsample(grid_map, PANEL))
+    blended = (1 - ALPHA) * np.asarray(picture, dtype=np.float64) + ALPHA * heat
+    return picture, Image.fromarray(heat), Image.fromarray(np.round(blended).astype(np.uint8))
+
+
+def _png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def overlay_png(image: np.ndarray, grid_map: np.ndarray) -> bytes:
     """The overlay alone, as PNG (the page shows it beside the image)."""
-    buffer = io.BytesIO()
-    overlay_image(image, grid_map).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(_panels(image, grid_map)[2])
 
 
 def explanation_png(image: np.ndarray, grid_map: np.ndarray, title: str) -> bytes:
     """Image | map | overlay, each PANEL px, under `title`, as PNG bytes."""
-    picture = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((PANEL, PANEL), Image.Resampling.BICUBIC)
-    heat = Image.fromarray(colorize(upsample(grid_map, PANEL)))
     sheet = Image.new("RGB", (3 * PANEL + 4 * PAD, PANEL + TITLE + 2 * PAD), "white")
-    for i, panel in enumerate((picture, heat, overlay_image(image, grid_map))):
+    for i, panel in enumerate(_panels(image, grid_map)):
         sheet.paste(panel, (PAD + i * (PANEL + PAD), TITLE + PAD))
     ImageDraw.Draw(sheet).text((PAD, PAD // 2 + 2), title, fill="black")
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(sheet)
