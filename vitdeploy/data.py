@@ -40,11 +40,12 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class Splits:
-    """Training images, a held-out validation split for model selection, and the test set."""
+    """Training images, a held-out validation split for model selection, and the test set
+    (None with --test-size 0)."""
 
     train: ImageSet
     val: ImageSet
-    test: ImageSet
+    test: ImageSet | None
     class_names: tuple[str, ...] = CLASS_NAMES
 
 
@@ -153,8 +154,7 @@ def load_splits(data_dir: Path, val_size: int, seed: int, subset: int | None = N
             raise VitDeployError("--subset must be a positive number of images")
         train = ImageSet(train.images[:subset], train.labels[:subset])
     if test_size == 0:
-        return Splits(train=train, val=val, test=ImageSet(torch.zeros((0, *IMAGE_SHAPE), dtype=torch.uint8),
-                                                          torch.zeros(0, dtype=torch.int64)))
+        return Splits(train=train, val=val, test=None)
     test = load_test(data_dir)
     if test_size is not None:
         if not 0 <= test_size <= len(test):

@@ -379,7 +379,7 @@ def _calibration_images(options: ExportOptions, checkpoint: dict[str, Any], data
     """`--calib-images` training images outside the run's validation split, drawn by `seed`."""
     config = checkpoint["config"]
     try:
-        train = load_splits(data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0))).train
+        train = load_splits(data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
     except VitDeployError as exc:
         raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
                              "pass --data-dir with the training batches") from None

@@ -233,7 +233,7 @@ class _Run:
                               len(self.class_names), config.seed)
         self.train_data = DeviceData(splits.train, preprocess, self.device, augmenter)
         self.val_data = DeviceData(splits.val, preprocess, self.device)
-        self.test_data = DeviceData(splits.test, preprocess, self.device) if len(splits.test) else None
+        self.test_data = DeviceData(splits.test, preprocess, self.device) if splits.test is not None else None
         self.eval_batch_size = config.eval_batch_size or config.batch_size
 
         torch.manual_seed(config.seed)
