@@ -10,13 +10,21 @@
 #   GPU_CHECK_SECTIONS=bench_small,bench_vit_b_16 ...        # only these sections (env always runs)
 #   GPU_CHECK_SMOKE=1 GPU_CHECK_DATA=DIR GPU_CHECK_WORK=TMP OUT=/tmp/x bash scripts/gpu_check.sh
 #                                                            # plumbing test on a CPU, tiny work
+#   GPU_CHECK_LIST=1 bash scripts/gpu_check.sh               # "SECTION BUDGET_SECONDS" per section, runs nothing
+#                                                            # (scripts/gpu_plan.py adds them up into the lease plan)
 # Data: .gpu/compact/ (copy of shared/data/compact) is unpacked to .gpu/data.
+#
+# Budgets: each section's is written beside it with its arithmetic, from the 2026-11-27 H200 run
+# (docs/results/2026-11-27-h200*, "measured") or, where nothing ran on a GPU yet, from the smoke run on
+# 2 CPU cores (docs/results/2026-12-01-gpu-plan.md, "smoke"); a section stops at its budget (timeout)
+# and what it wrote so far is kept.
 set -u
 cd "$(dirname "$0")/.."
+LIST=${GPU_CHECK_LIST:-0}
 OUT=${OUT:-$PWD/gpu-results}
 W=${GPU_CHECK_WORK:-.gpu}   # runs, artifacts and results staged here
 RES=$W/results
-mkdir -p "$OUT" "$RES"
+[ "$LIST" = 1 ] || mkdir -p "$OUT" "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOG="$OUT/gpu_check.log"
@@ -41,9 +49,10 @@ fi
 # section NAME BUDGET_SECONDS COMMAND...: run it under a timeout, log its output, record its status, pack results.
 section() {
   local name=$1 budget=$2; shift 2
+  if [ "$LIST" = 1 ]; then echo "$name $budget"; return 0; fi
   case ",${GPU_CHECK_SECTIONS:-$name}," in *",$name,"*) ;; *) [ "$name" = env ] || return 0 ;; esac
   local start=$SECONDS
-  echo "=== $name (budget ${budget}s): $*" >>"$LOG"
+  echo "=== $name (budget ${budget}s, $(date -u +%H:%M:%S)): $*" >>"$LOG"
   timeout --kill-after=10 "$budget" "$@" >>"$LOG" 2>&1
   local rc=$?
   "$PY" - "$OUT/sections.json" "$name" "$rc" "$((SECONDS - start))" "$budget" "$*" <<'PYEOF'
@@ -68,6 +77,7 @@ PYEOF
 
 # skipped NAME REASON: record a selected section that was not run, and why.
 skipped() {
+  [ "$LIST" = 1 ] && return 0
   case ",${GPU_CHECK_SECTIONS:-$1}," in *",$1,"*) ;; *) return 0 ;; esac
   echo "=== $1: skipped: $2" >>"$LOG"
   "$PY" - "$OUT/sections.json" "$1" "$2" <<'PYEOF'
@@ -82,16 +92,19 @@ json.dump(record, open(path, "w"), indent=2)
 PYEOF
 }
 
-section env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true; \
+# measured 4-6 s
+section env 15 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true; \
   $PY -m vitdeploy info --json > '$RES/env.json'"
 
-if [ ! -f "$DATA/cifar-10-batches-py/test_batch" ] && [ -f .gpu/compact/unpack.py ]; then
-  section data 40 "$PY" .gpu/compact/unpack.py "$DATA"
+if [ "$LIST" = 1 ] || { [ ! -f "$DATA/cifar-10-batches-py/test_batch" ] && [ -f .gpu/compact/unpack.py ]; }; then
+  section data 40 "$PY" .gpu/compact/unpack.py "$DATA"  # measured 7-8 s
 fi
 
 # Issue 2: GPU-marked tests; training throughput (real data vs synthetic).
+# measured 17 s for 5 tests; 9 now (CUDA graphs, augmentation on the GPU): about 2 x 17 = 34 s
 section gpu_tests 60 "$PY" -m pytest -q -m "gpu or trt" tests -p no:cacheprovider
 
+# measured 16-17 s
 section train_throughput 60 "$PY" -m vitdeploy bench-train "${TP_ARGS[@]}" --source both --data-dir "$DATA" \
   --device "$DEVICE" --json "$RES/train_throughput.json"
 
@@ -101,29 +114,33 @@ section recipe_sweep 140 env OMP_NUM_THREADS=1 "$PY" scripts/recipe_sweep.py --d
   --runs "$W/runs/sweep" --out-json "$RES/recipe_sweep.json" "${SWEEP_ARGS[@]}" &
 SWEEP=$!
 
-section cifar_small_run 100 bash -c "rm -rf $W/runs/cifar_small; $PY -m vitdeploy train --model vit_cifar_small \
+# measured 49 s alone (run1; 100 s ran out in run2 with recipe_sweep sharing the GPU): 49 s x 1.5
+section cifar_small_run 75 bash -c "rm -rf $W/runs/cifar_small; $PY -m vitdeploy train --model vit_cifar_small \
   --device $DEVICE --data-dir '$DATA' --out $W/runs/cifar_small ${RUN_ARGS[*]} \
   && cp $W/runs/cifar_small/summary.json '$RES/cifar_small_run.json'"
 
 # Issue 3: export the run above with --fp16; parity of fp32/fp16 ONNX on ONNX Runtime CPU, and on CUDA
 # (ONNX Runtime CUDA, TensorRT) where those are installed. The manifest is the result.
+# measured 33 s (44 s with the sweep beside it) with 2,000 parity images
 section export_fp16 90 bash -c "rm -rf $W/art/cifar_small; $PY -m vitdeploy export $W/runs/cifar_small \
   --out $W/art/cifar_small --fp16 --parity-images $PARITY_IMAGES --timing-cache $W/tensorrt-timing.cache; \
   rc=\$?; cp $W/art/cifar_small/manifest.json '$RES/export_manifest.json' 2>/dev/null; exit \$rc"
 wait "$SWEEP"
 
 # Issue 4: every backend usable here on the small model (accuracy and parity on the full test set, then
-# latency/throughput per batch size, end-to-end and device modes).
-section bench_small 90 "$PY" -m vitdeploy bench "$W/art/cifar_small" --backend all --out "$RES/bench_small" \
+# latency/throughput per batch size, end-to-end and device modes). measured 84 s
+section bench_small 120 "$PY" -m vitdeploy bench "$W/art/cifar_small" --backend all --out "$RES/bench_small" \
   "${BENCH_ARGS[@]}"
 
-# Issue 2: vit_b_16 bf16 training throughput with torch.compile (eager is measured above).
+# Issue 2: vit_b_16 bf16 training throughput with torch.compile (eager is measured above). measured 56 s
 section train_throughput_compiled 120 "$PY" -m vitdeploy bench-train "${TPC_ARGS[@]}" --source both \
   --data-dir "$DATA" --device "$DEVICE" --json "$RES/train_throughput_compiled.json"
 
 # Issue 4: vit_b_16 at 224 px (a few training steps from scratch: latency does not depend on the weights;
 # parity is on those weights), exported in fp32, then pytorch fp32/fp16/bf16 (and ort-cuda/trt where
 # installed: add them to --backend); ort-cpu at batch 128 alone would take this section's budget.
+# measured: training 40 steps and the export took about 60 s, pytorch's 24 timed configurations about 50 s
+# (the rest of the 181 s went to ort-cpu, no longer benched here)
 section bench_vit_b_16 180 bash -c "rm -rf $W/runs/b16 $W/art/b16 \
   && $PY -m vitdeploy train --model $B16_MODEL --no-pretrained --device $DEVICE --data-dir '$DATA' --out $W/runs/b16 \
      --epochs 1 ${B16_TRAIN[*]} \
@@ -145,6 +162,7 @@ ddp_check() {
 }
 export -f ddp_check
 export PY RES W DATA DEVICE
+# one GPU: a few seconds; 2+ GPUs: 40 steps of vit_b_16 (about 3 s at 2,128 images/s) plus start-up (~30 s)
 section ddp 120 bash -c ddp_check
 
 # Issue 13: the long recipe from scratch on vit_cifar_small in bf16 with torch.compile, sized to LONG_SECONDS of
@@ -180,53 +198,74 @@ export LONG_MODEL LONG_SECONDS LONG_TRAIN_LIMIT
 export LONG_RATE_S="${LONG_RATE[*]}" LONG_TRAIN_S="${LONG_TRAIN[*]}"
 section cifar_long "$LONG_BUDGET" bash -c 'LONG_RATE=($LONG_RATE_S); LONG_TRAIN=($LONG_TRAIN_S); long_run'
 
-# Issue 11: ONNX Runtime CUDA, from the onnxruntime-gpu wheel carried in parts (docs/gpu-plan.md: the last
-# of several back-to-back runs). A 10-second probe decides: without a working CUDA session every ORT
-# section is recorded as skipped with the probe's reason. ORT sections: about 150 s in all.
+# Issues 11 and 18: ONNX Runtime CUDA, from the onnxruntime-gpu wheel carried in parts (the last of back-to-back
+# runs: scripts/gpu_plan.py prints them). Headline first, and every bench rewrites its report after each
+# measurement: ort-cuda fp16 and fp32 on vit_b_16 at batch 1, 8, 32, end-to-end and device (ort_b16); the fp16
+# policy comparison (ort_policy); CUDA graphs (ort_graphs); CUDA parity of the trained small model (ort_small).
+# A probe decides: without a working CUDA session every ORT section is recorded as skipped with its reason.
+# Parity on ONNX Runtime CPU inside these sections uses few images: the CUDA parity is the point here.
 ORT_PARTS=${GPU_CHECK_ORT_PARTS:-.gpu/ort}
+ORT_SITE=${GPU_CHECK_ORT_SITE:-$W/ort-site}  # the wheel is installed inside the work folder
 if [ "$SMOKE" = 1 ]; then
-  ORT_BACKEND=ort-cpu; GRAPH=(); ORT_PARITY=20; B16_ORT=vit_cifar_tiny; ORT_SIZES=1,4; SMALL_SIZES=1,4; ACT_SIZES=4
-  ORT_TIME=(--min-iters 2 --max-seconds 0.3); ORT_BUDGETS=(300 200)  # 2 CPU cores: the same steps, slower
+  ORT_BACKEND=ort-cpu; GRAPH=(); B16_ORT=vit_cifar_tiny; ORT_SIZES=1,4; POLICY_SIZES=4; SMALL_SIZES=1,4
+  ORT_LIMIT=20; SMALL_LIMIT=20; ORT_TIME=(--min-iters 2 --max-seconds 0.3)
 else
-  ORT_BACKEND=ort-cuda; GRAPH=(--cuda-graph); ORT_PARITY=2000; B16_ORT=vit_b_16; ORT_SIZES=1,8,32; SMALL_SIZES=1,8,32,128
-  ACT_SIZES=32,128; ORT_TIME=(--max-seconds 1.5); ORT_BUDGETS=(80 70)
+  ORT_BACKEND=ort-cuda; GRAPH=(--cuda-graph); B16_ORT=vit_b_16; ORT_SIZES=1,8,32; POLICY_SIZES=8,32; SMALL_SIZES=1,32,128
+  ORT_LIMIT=256; SMALL_LIMIT=1000; ORT_TIME=(--max-seconds 1.5)
 fi
-# The small model: a run trained earlier in the same warm lease, else one carried with the last part, else random
-# weights made there (parity and latency only: accuracy is then chance).
-ORT_CKPT=$W/runs/cifar_small
-[ -f "$ORT_CKPT/best.pt" ] || ORT_CKPT=$ORT_PARTS/model.pt
-[ -f "$ORT_CKPT" ] || [ -d "$ORT_CKPT" ] || { ORT_CKPT=$W/runs/ort_small_random.pt; \
-  "$PY" scripts/gpu_ort.py random-checkpoint vit_cifar_small "$ORT_CKPT" --data-dir "$DATA" >>"$LOG" 2>&1; }
-if [ -f "$ORT_PARTS/wheel.json" ]; then
-  section ort_join 90 "$PY" scripts/gpu_ort.py join "$ORT_PARTS" --target /tmp/ort
+# The ORT run carries the first 1,000 test images (.gpu/testset) beside the last part; the rest run unpacks all.
+ORT_DATA=$DATA
+[ "$LIST" = 1 ] || [ -f "$DATA/cifar-10-batches-py/test_batch" ] || ORT_DATA=.gpu/testset
+B16_ART=$W/art/ort_b16
+# Seconds of the ORT sections, measured here on 2 CPU cores (AVX-512 Intel Xeon, with the test suite running
+# beside: upper bounds; the GPU machine has 16 cores) unless said otherwise; docs/results/2026-12-01-gpu-plan.md.
+# A process that imports torch and vitdeploy: 10 s. One timed configuration: at most --max-seconds 1.5 plus its
+# warm-up (at most a quarter of that): 2 s. An ONNX Runtime CUDA session of vit_b_16: 10 s (a guess: none was
+# ever created; ORT CPU takes about 1.5 s here). Export of vit_b_16, fp32 + fp16, --no-trt, 32 parity images:
+# measured 61 s (matmul policy) and 51 s (activations); CUDA parity adds a session and 32 images.
+if [ "$LIST" = 1 ] || [ -f "$ORT_PARTS/wheel.json" ]; then
+  # joining the four parts (two sha256 passes over 256 MB) and installing the wheel: measured 3 s; x 5
+  section ort_join 15 "$PY" scripts/gpu_ort.py join "$ORT_PARTS" --target "$ORT_SITE"
 fi
-export PYTHONPATH="/tmp/ort:$PYTHONPATH"
-# graph_bench ARGS NAME: "&& bench ARGS --cuda-graph" on the GPU; nothing in smoke mode, where it would repeat the bench before it.
-graph_bench() {
-  [ ${#GRAPH[@]} -eq 0 ] || echo "&& $PY -m vitdeploy bench $1 ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/$2'"
-}
-if section ort_probe 20 "$PY" scripts/gpu_ort.py probe --target /tmp/ort --json "$RES/ort_probe.json" || [ "$SMOKE" = 1 ]; then
-  section ort_small "${ORT_BUDGETS[0]}" bash -c "rm -rf $W/art/ort_small $W/art/ort_small_act \
-    && $PY -m vitdeploy export $ORT_CKPT --out $W/art/ort_small --fp16 --no-trt --parity-images $ORT_PARITY --data-dir '$DATA' \
-    && $PY -m vitdeploy export $ORT_CKPT --out $W/art/ort_small_act --fp16 --fp16-policy activations --no-trt \
-       --parity-images $ORT_PARITY --data-dir '$DATA' \
+export PYTHONPATH="$ORT_SITE:$PYTHONPATH"
+# the probe's own timeout (gpu_ort.py PROBE_TIMEOUT_S, 30 s; 1.1 s here, where the CUDA session falls back) + 5 s
+if section ort_probe 35 "$PY" scripts/gpu_ort.py probe --target "$ORT_SITE" --json "$RES/ort_probe.json" || [ "$SMOKE" = 1 ]; then
+  # random checkpoint: measured 4.3 s, 5 + export 61 + bench: process 10, 2 sessions 20, reference and parity on
+  # 256 images 5, 2 precisions x 3 sizes x 2 modes x 2 s = 24: 125 s
+  section ort_b16 125 bash -c "rm -rf $B16_ART \
+    && $PY scripts/gpu_ort.py random-checkpoint $B16_ORT $W/runs/ort_b16.pt --data-dir '$ORT_DATA' \
+    && $PY -m vitdeploy export $W/runs/ort_b16.pt --out $B16_ART --fp16 --no-trt --max-batch 32 --parity-images 32 \
+       --data-dir '$ORT_DATA' \
+    && cp $B16_ART/manifest.json '$RES/ort_b16_manifest.json' \
+    && $PY -m vitdeploy bench $B16_ART --backend $ORT_BACKEND --precision fp16,fp32 --limit $ORT_LIMIT \
+       --batch-sizes $ORT_SIZES ${ORT_TIME[*]} --out '$RES/ort_b16'"
+  # README "fp16 policy": the activations graph against ort_b16's matmul graph at batch 32 (and 8).
+  # export 51 (fp32 again, then the activations graph) + bench: process 10, session 10, parity 5, 2 sizes x 2 modes
+  # x 2 s = 8: 84 s, 90
+  section ort_policy 90 bash -c "rm -rf $W/art/ort_b16_act \
+    && $PY -m vitdeploy export $W/runs/ort_b16.pt --out $W/art/ort_b16_act --fp16 --fp16-policy activations --no-trt \
+       --max-batch 32 --parity-images 32 --data-dir '$ORT_DATA' \
+    && cp $W/art/ort_b16_act/manifest.json '$RES/ort_policy_manifest.json' \
+    && $PY -m vitdeploy bench $W/art/ort_b16_act --backend $ORT_BACKEND --precision fp16 --limit $ORT_LIMIT \
+       --batch-sizes $POLICY_SIZES ${ORT_TIME[*]} --out '$RES/ort_policy'"
+  # ort_b16's fp16 bench with CUDA graphs (captured and checked per batch size; smoke: the plain bench again):
+  # process 10, session 10, parity 5, 6 configurations x 2 s = 12, capture and check 3 x 1 s: 40 s, 45
+  section ort_graphs 45 bash -c "$PY -m vitdeploy bench $B16_ART --backend $ORT_BACKEND --precision fp16 \
+    --limit $ORT_LIMIT --batch-sizes $ORT_SIZES ${ORT_TIME[*]} ${GRAPH[*]} --out '$RES/ort_graphs'"
+  # The small model trained in run 1 while the machine stayed warm, else one carried as .gpu/ort/model.pt, else
+  # random weights (accuracy is then chance). export (32 px, fp32 + fp16, 500 parity images): measured 33 s with
+  # 2,000 + bench: process 10, sessions 4, parity 1,000 images 5, 2 x 2 backends x 3 sizes x 2 modes x 2 s = 48: 100 s
+  section ort_small 100 bash -c "ckpt=$W/runs/cifar_small; [ -f \$ckpt/best.pt ] || ckpt=$ORT_PARTS/model.pt; \
+    [ -f \$ckpt ] || [ -d \$ckpt ] || { ckpt=$W/runs/ort_small_random.pt; \
+      $PY scripts/gpu_ort.py random-checkpoint vit_cifar_small \$ckpt --data-dir '$ORT_DATA' || exit 1; }; \
+    rm -rf $W/art/ort_small \
+    && $PY -m vitdeploy export \$ckpt --out $W/art/ort_small --fp16 --no-trt --parity-images 500 --data-dir '$ORT_DATA' \
     && cp $W/art/ort_small/manifest.json '$RES/ort_small_manifest.json' \
-    && $PY -m vitdeploy bench $W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES \
-       ${ORT_TIME[*]} --out '$RES/ort_small' \
-    $(graph_bench "$W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --batch-sizes $SMALL_SIZES" ort_small_graph) \
-    && $PY -m vitdeploy bench $W/art/ort_small_act --backend $ORT_BACKEND --precision fp16 --batch-sizes $ACT_SIZES \
-       ${ORT_TIME[*]} --out '$RES/ort_small_act'"
-  section ort_b16 "${ORT_BUDGETS[1]}" bash -c "rm -rf $W/art/ort_b16 \
-    && $PY scripts/gpu_ort.py random-checkpoint $B16_ORT $W/runs/ort_b16.pt --data-dir '$DATA' \
-    && $PY -m vitdeploy export $W/runs/ort_b16.pt --out $W/art/ort_b16 --fp16 --no-trt --max-batch 32 --parity-images 1000 \
-       --data-dir '$DATA' \
-    && $PY -m vitdeploy bench $W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES \
-       ${ORT_TIME[*]} --out '$RES/ort_b16' \
-    $(graph_bench "$W/art/ort_b16 --backend $ORT_BACKEND --precision fp32,fp16 --limit 1000 --batch-sizes $ORT_SIZES" ort_b16_graph)"
+    && $PY -m vitdeploy bench $W/art/ort_small --backend $ORT_BACKEND,pytorch --precision fp32,fp16 --limit $SMALL_LIMIT \
+       --batch-sizes $SMALL_SIZES ${ORT_TIME[*]} --out '$RES/ort_small'"
 else
   reason="ONNX Runtime CUDA probe failed: $(cat "$RES/ort_probe.json" 2>/dev/null | tr '\n' ' ')"
-  skipped ort_small "$reason"
-  skipped ort_b16 "$reason"
+  for name in ort_b16 ort_policy ort_graphs ort_small; do skipped "$name" "$reason"; done
 fi
 
-echo "results in $OUT:"; ls -1 "$OUT"; tar -tvf "$OUT/results.tar"
+[ "$LIST" = 1 ] || { echo "results in $OUT:"; ls -1 "$OUT"; tar -tvf "$OUT/results.tar"; }

@@ -6,9 +6,13 @@ in parts in back-to-back runs and is put together there:
 
   here:  python3 scripts/gpu_ort.py split WHEEL --out .gpu/ort            # parts + wheel.json (sha256s)
          python3 scripts/gpu_ort.py slim RUN_OR_CHECKPOINT .gpu/ort/model.pt  # weights only, to carry
-  there: python3 scripts/gpu_ort.py join .gpu/ort --target /tmp/ort       # checks every sha256, pip --target
-         python3 scripts/gpu_ort.py probe --target /tmp/ort --json $OUT/ort_probe.json
+  there: python3 scripts/gpu_ort.py join .gpu/ort --target .gpu/ort-site  # checks every sha256, pip --target
+         python3 scripts/gpu_ort.py probe --target .gpu/ort-site --json $OUT/ort_probe.json
          python3 scripts/gpu_ort.py random-checkpoint vit_b_16 .gpu/runs/b16-random.pt
+
+`split` makes as few parts as fit one run each: a run carries the checkout (what git
+tracks and does not ignore, measured on disk), wheel.json and one part, within the device
+tool's 64 MiB with a margin; the last part is the remainder.
 
 `probe` exits 0 only when the CUDA provider is listed and a CUDA session really runs on
 it (torch is imported first, so the CUDA 13 libraries of its wheels are found); gpu_check
@@ -20,12 +24,34 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-PART_MB = 48  # a part plus the checkout stays well under the 64 MiB one run carries
+REPO = Path(__file__).resolve().parents[1]
+CARRY_LIMIT = 64 * 2**20  # the device tool's limit for one run: checkout + carried files
+MARGIN = 2**20  # room for files added to the checkout between the split and the runs (gpu_plan.py checks)
+WHEEL_JSON_MAX = 4096  # wheel.json travels with every part
+PROBE_TIMEOUT_S = 30.0  # importing torch, starting CUDA and loading the 284 MB provider library (here: ~4 s on a CPU)
+
+
+def checkout_bytes(repo: Path = REPO) -> int:
+    """What every run carries besides its `carry` list: the files git tracks or would track, as on disk."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    return sum(p.stat().st_size for n in names if n and (p := repo / os.fsdecode(n)).is_file())
+
+
+def part_size(checkout: int) -> int:
+    """The largest part one run carries beside the checkout, wheel.json and the margin. Every part but the
+    last has this size: the last run has the most room left (for the test images, docs/gpu-plan.md)."""
+    room = CARRY_LIMIT - checkout - WHEEL_JSON_MAX - MARGIN
+    if room < 2**20:
+        raise SystemExit(f"error: the checkout takes {checkout / 2**20:.1f} MiB of the 64 MiB a run carries: "
+                         "no room for a part")
+    return room
 
 
 def sha256(path: Path) -> str:
@@ -36,10 +62,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split(wheel: Path, out: Path, part_mb: float) -> dict:
-    """Cut `wheel` into parts of at most `part_mb` MiB; wheel.json records every sha256."""
+def split(wheel: Path, out: Path, size: int) -> dict:
+    """Cut `wheel` into parts of at most `size` bytes; wheel.json records every sha256."""
     out.mkdir(parents=True, exist_ok=True)
-    size = int(part_mb * (1 << 20))
+    for stale in out.glob("part-*"):  # parts of an earlier split would travel with the plan's carries
+        stale.unlink()
     parts = []
     with open(wheel, "rb") as f:
         while block := f.read(size):
@@ -104,10 +131,8 @@ print(json.dumps(record))
 """
 
 
-def probe(target: Path | None, timeout: float) -> dict:
+def probe(target: Path | None, timeout: float = PROBE_TIMEOUT_S) -> dict:
     """Whether onnxruntime (from `target` first) runs a session on the CUDA provider; a dict with ok/reason."""
-    import os
-
     env = dict(os.environ)
     if target is not None:
         env["PYTHONPATH"] = f"{target}{os.pathsep}{env.get('PYTHONPATH', '')}"
@@ -137,8 +162,9 @@ def slim(source: Path, out: Path) -> None:
 
 
 def random_checkpoint(model_name: str, out: Path, data_dir: str) -> None:
-    """A checkpoint of `model_name` with freshly initialized weights: latency and backend parity do not
-    depend on training, and the GPU machine has no training data in the ORT run."""
+    """A checkpoint of `model_name` with seeded random weights: latency and backend parity do not depend on
+    training. torchvision initializes the head to zeros, which makes every logit 0 and parity vacuous
+    (max |dlogit| 0 even in fp16), so the head is drawn at random too; accuracy is chance."""
     import torch
 
     from vitdeploy import __version__
@@ -150,13 +176,17 @@ def random_checkpoint(model_name: str, out: Path, data_dir: str) -> None:
     torch.manual_seed(0)
     spec = get_spec(model_name)
     model = build_model(spec, len(CLASS_NAMES))
+    head = model.heads.head
+    torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)  # logits of about unit spread
+    torch.nn.init.normal_(head.bias, std=0.1)
     config = TrainConfig.from_options(model_name, data_dir=data_dir, out=str(out.parent), pretrained=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, "vitdeploy_version": __version__,
                  "model_name": spec.name, "model": model.state_dict(), "config": config.to_dict(),
                  "preprocessing": spec.preprocessing().to_dict(), "class_names": list(CLASS_NAMES),
                  "precision": "fp32", "epoch": 0, "step": 0}, out)
-    print(f"wrote {out}: {model_name} with random weights (parity and latency only; accuracy is chance)")
+    print(f"wrote {out}: {model_name} with seeded random weights, head included (parity and latency are meaningful; "
+          "accuracy is chance)")
 
 
 def main() -> None:
@@ -165,13 +195,13 @@ def main() -> None:
     p = verbs.add_parser("split")
     p.add_argument("wheel", type=Path)
     p.add_argument("--out", type=Path, default=Path(".gpu/ort"))
-    p.add_argument("--part-mb", type=float, default=PART_MB)
+    p.add_argument("--part-mb", type=float, help="part size (default: as large as one run carries beside the checkout)")
     p = verbs.add_parser("join")
     p.add_argument("folder", type=Path)
-    p.add_argument("--target", type=Path, default=Path("/tmp/ort"))
+    p.add_argument("--target", type=Path, required=True, help="install folder (gpu_check: inside its work folder)")
     p = verbs.add_parser("probe")
     p.add_argument("--target", type=Path)
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=PROBE_TIMEOUT_S)
     p.add_argument("--json", type=Path)
     p = verbs.add_parser("slim")
     p.add_argument("source", type=Path)
@@ -182,8 +212,11 @@ def main() -> None:
     p.add_argument("--data-dir", default=".gpu/data")
     args = parser.parse_args()
     if args.verb == "split":
-        record = split(args.wheel, args.out, args.part_mb)
-        print(f"{len(record['parts'])} parts of at most {args.part_mb:g} MiB in {args.out}; sha256 {record['sha256']}")
+        checkout = checkout_bytes()
+        size = int(args.part_mb * 2**20) if args.part_mb else part_size(checkout)
+        record = split(args.wheel, args.out, size)
+        print(f"{len(record['parts'])} parts of at most {size / 2**20:.2f} MiB in {args.out} (checkout "
+              f"{checkout / 2**20:.2f} MiB); sha256 {record['sha256']}")
     elif args.verb == "join":
         start = time.perf_counter()
         wheel = join(args.folder, args.target)

@@ -3,12 +3,14 @@ beside the checkout when present, and GPU/TensorRT markers that skip without har
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,33 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = Path(os.environ.get("VITDEPLOY_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar-10-batches-py"
+
+
+def _serve_extra_missing() -> str | None:
+    """Why `vitdeploy serve` cannot run here (the GPU machine has no serve extra), or None."""
+    for module in ("fastapi", "starlette", "uvicorn", "prometheus_client"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"needs the serve extra ({module} is missing): pip install 'vitdeploy[serve]'"
+    return None
+
+
+SERVE_MISSING = _serve_extra_missing()
+needs_serve = pytest.mark.skipif(SERVE_MISSING is not None, reason=SERVE_MISSING or "")
+
+
+def serve_client(**settings: Any) -> Any:
+    """An in-process (ASGI) client of the app `vitdeploy serve` builds from ServeConfig(**settings);
+    skips the test without the serve extra."""
+    if SERVE_MISSING is not None:
+        pytest.skip(SERVE_MISSING)
+    from fastapi.testclient import TestClient
+
+    from vitdeploy.serve.app import create_app
+    from vitdeploy.serve.config import ServeConfig
+
+    return TestClient(create_app(ServeConfig(**settings)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -125,7 +125,9 @@ def test_sharded_evaluation_of_an_odd_set_equals_one_process(tmp_path: Path) -> 
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["images"] == one["images"] == 1001
     assert two["acc"] == one["acc"]  # counts of correct images: exact
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)
+    # float32 logits: shards of another size may take other CPU kernels (AVX-512 machines do), which move the
+    # mean loss in its 8th digit; every image is counted once (above), so more than float32 rounding would fail
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 def wait_for_steps(run: Path, steps: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:

@@ -12,16 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, serve_client
 from vitdeploy.data import load_test
-from vitdeploy.explain import AttentionHooks, explain_batch, explain_images, grad_rollout, load_explained_model, rollout
+from vitdeploy.explain import (
+    AttentionHooks,
+    explain_batch,
+    explain_images,
+    grad_rollout,
+    load_explained_model,
+    rollout,
+)
 from vitdeploy.models import build_model, get_spec
-from vitdeploy.serve.app import create_app
-from vitdeploy.serve.config import ServeConfig
 from vitdeploy.serve.explainer import ExplainBusy, Explainer
 
 
@@ -162,7 +166,7 @@ def test_explain_command_writes_maps_and_refuses_bad_input(exported: Path, train
 def test_explain_endpoint(exported: Path, trained: Path, cifar_root: Path, tmp_path: Path) -> None:
     image = load_test(cifar_root).images[5].numpy()
     body = png_bytes(image)
-    with TestClient(create_app(ServeConfig(artifacts=exported, max_batch=8))) as client:
+    with serve_client(artifacts=exported, max_batch=8) as client:
         answer = client.post("/v1/explain", content=body, headers={"content-type": "image/png"})
         assert answer.status_code == 200, answer.text
         data = answer.json()
@@ -187,7 +191,7 @@ def test_explain_endpoint(exported: Path, trained: Path, cifar_root: Path, tmp_p
     manifest = json.loads((moved / "manifest.json").read_text())
     manifest["model"]["source_checkpoint"]["path"] = str(tmp_path / "gone.pt")
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    with TestClient(create_app(ServeConfig(artifacts=moved, max_batch=8))) as client:  # starts without the checkpoint
+    with serve_client(artifacts=moved, max_batch=8) as client:  # starts without the checkpoint
         assert client.post("/v1/predict", content=body).status_code == 200
         refused = client.post("/v1/explain", content=body)
         assert refused.status_code == 503 and "--checkpoint" in refused.json()["error"]

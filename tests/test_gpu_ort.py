@@ -82,3 +82,44 @@ def test_slim_checkpoint_exports(trained: Path, tmp_path: Path) -> None:
     slim = load_checkpoint(tmp_path / "model.pt")
     assert "optimizer" not in slim and slim["model_name"] == "vit_cifar_tiny"
     assert (tmp_path / "model.pt").stat().st_size < (trained / "last.pt").stat().st_size / 2
+
+
+def test_parts_fill_a_run_beside_the_checkout() -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_ort import CARRY_LIMIT, checkout_bytes, part_size
+
+    checkout = checkout_bytes()
+    assert 100_000 < checkout < 8 * 2**20  # what travels with every run: the tracked files, not .git or .gpu
+    size = part_size(checkout)
+    assert checkout + size + 4096 < CARRY_LIMIT and checkout + size + 2 * 2**20 > CARRY_LIMIT
+    wheel = 255_569_273  # onnxruntime-gpu 1.31.1 cp312: four runs, as few as 64 MiB allows
+    assert -(-wheel // size) == 4
+    with pytest.raises(SystemExit, match="no room for a part"):
+        part_size(CARRY_LIMIT - 2**20)
+
+
+def test_the_plan_is_worked_out_from_the_files_on_disk(cifar_root: Path, tmp_path: Path) -> None:
+    """gpu_plan.py prepare + plan on a small repository: every call within 64 MiB, the lease within 900 s."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_plan
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".gitignore").write_text("/.gpu/\n")
+    (repo / "README.md").write_text("x" * 100_000)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    data = tmp_path / "data"
+    (data / "compact").mkdir(parents=True)
+    (data / "compact" / "unpack.py").write_text("print('unpack')\n")
+    subprocess.run(["cp", "-r", str(cifar_root / "cifar-10-batches-py"), str(data)], check=True)
+    gpu_plan.prepare(fake_wheel(tmp_path), data, repo)
+    result = gpu_plan.plan(repo)
+    assert result["problems"] == [], result["problems"]
+    assert [c["call"] for c in result["calls"]] == ["ort", "ort again", "rest"]  # a small wheel: one part, with the ORT run
+    ort = next(c for c in result["calls"] if c["call"] == "ort")
+    assert ".gpu/testset" in ort["carry"] and "ort_b16" in ort["command"] and ort["timeout_s"] > 0
+    assert result["total_s"] <= 900 and result["spare_s"] == 900 - result["total_s"]
+    assert all(c["mib"] <= 64 for c in result["calls"])
+    (repo / "big.bin").write_bytes(bytes(65 * 2**20))  # a stray file in the checkout travels with every call
+    problems = gpu_plan.plan(repo)["problems"]
+    assert problems and all("over the 64 MiB" in p for p in problems)

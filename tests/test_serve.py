@@ -13,9 +13,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'vitdeploy[serve]'")
+
 import httpx
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

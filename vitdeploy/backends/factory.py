@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,13 @@ BACKENDS = ("pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 GRAPH_BACKENDS = ("pytorch", "ort-cuda", "trt")
 
 
+def check_cuda_graph(name: str, cuda_graph: bool) -> None:
+    """Refuse --cuda-graph for a backend that cannot replay graphs here (before anything is loaded)."""
+    if cuda_graph and (name not in GRAPH_BACKENDS or (name == "pytorch" and not torch.cuda.is_available())):
+        where = "runs on the CPU here" if name == "pytorch" else "is not one of them"
+        raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(GRAPH_BACKENDS)}; {name} {where}")
+
+
 def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None,
                  compile: bool = False, checkpoint: Path | None = None, cuda_graph: bool = False,
                  graph_buckets: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> Backend:
@@ -37,9 +44,7 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
     if name not in BACKENDS:
         raise VitDeployError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     graphs = {"cuda_graph": cuda_graph, "graph_buckets": graph_buckets, "say": say}
-    if cuda_graph and (name not in GRAPH_BACKENDS or (name == "pytorch" and not torch.cuda.is_available())):
-        where = "runs on the CPU here" if name == "pytorch" else "is not one of them"
-        raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(GRAPH_BACKENDS)}; {name} {where}")
+    check_cuda_graph(name, cuda_graph)
     if name == "pytorch":
         return _pytorch(manifest, precision, threads, compile, checkpoint, graphs)
     if name == "ort-cuda" and precision == "int8":
