@@ -10,8 +10,16 @@ from torchvision.transforms.v2 import functional as TF
 
 from vitdeploy.models import get_spec
 from vitdeploy.preprocess import Preprocess, sample_uniforms
-from vitdeploy.train.augment import (OP_NAMES, Augmenter, AugmentSettings, _color_op, beta_quantile, mix_plan, trivial_augment,
-                                     trivial_params)
+from vitdeploy.train.augment import (
+    OP_NAMES,
+    Augmenter,
+    AugmentSettings,
+    _color_op,
+    beta_quantile,
+    mix_plan,
+    trivial_augment,
+    trivial_params,
+)
 from vitdeploy.train.ema import WeightEMA, default_decay
 
 LONG = AugmentSettings(crop_padding=4, augment="trivial", erase_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, fill=(125, 123, 114))

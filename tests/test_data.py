@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from tests.conftest import write_cifar
-from vitdeploy.data import CLASS_NAMES, find_cifar_dir, load_splits, load_test, load_train, read_batch, split_validation
+from vitdeploy.data import (
+    CLASS_NAMES,
+    find_cifar_dir,
+    load_splits,
+    load_test,
+    load_train,
+    read_batch,
+    split_validation,
+)
 from vitdeploy.errors import VitDeployError
 
 

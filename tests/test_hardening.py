@@ -15,24 +15,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import REPO, free_port, run_cli
+from tests.conftest import REPO, free_port, needs_serve, run_cli, serve_client
 from vitdeploy.cli import main as cli_main
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import decode_image
 from vitdeploy.manifest import MANIFEST, read_manifest
-from vitdeploy.serve.app import create_app
-from vitdeploy.serve.config import ServeConfig
 
 
 def png(array_hwc: np.ndarray, **save: object) -> bytes:
@@ -133,7 +131,7 @@ def test_manifest_paths_outside_the_folder_are_refused_alike(art: Path, path: st
         read_manifest(art)
     message = str(refusal.value).replace(repr(path), "PATH")
     assert "outside its artifact folder" in message
-    assert message == f"the manifest names a model file outside its artifact folder (PATH); refused: an artifact folder may only refer to its own files"
+    assert message == "the manifest names a model file outside its artifact folder (PATH); refused: an artifact folder may only refer to its own files"
 
 
 def test_a_symlinked_model_file_is_refused(art: Path, tmp_path: Path) -> None:
@@ -147,7 +145,7 @@ def test_a_symlinked_model_file_is_refused(art: Path, tmp_path: Path) -> None:
 
 
 def test_v1_model_never_shows_a_path_outside(art: Path) -> None:
-    with TestClient(create_app(ServeConfig(artifacts=art, max_batch=8))) as client:
+    with serve_client(artifacts=art, max_batch=8) as client:
         shown = [a["path"] for a in client.get("/v1/model").json()["artifacts"]]
     assert shown and all("/" not in p for p in shown)
 
@@ -262,7 +260,7 @@ def test_16_bit_and_exif_pictures_get_the_8_bit_upright_predictions(exported: Pa
     exif = Image.Exif()
     exif[0x0112] = 6
     stored = np.asarray(Image.fromarray(picture).rotate(90, expand=True))
-    with TestClient(create_app(ServeConfig(artifacts=exported, max_batch=8))) as client:
+    with serve_client(artifacts=exported, max_batch=8) as client:
         def top(body: bytes) -> list:
             response = client.post("/v1/predict", content=body, params={"top_k": "10"})
             assert response.status_code == 200, response.text
@@ -276,8 +274,7 @@ def test_16_bit_and_exif_pictures_get_the_8_bit_upright_predictions(exported: Pa
 
 
 def test_cors_preflight_works_with_an_api_key(exported: Path) -> None:
-    config = ServeConfig(artifacts=exported, max_batch=8, api_key="secret-key-1", cors_origins=("https://app.example",))
-    with TestClient(create_app(config)) as client:
+    with serve_client(artifacts=exported, max_batch=8, api_key="secret-key-1", cors_origins=("https://app.example",)) as client:
         preflight = client.options("/v1/predict", headers={
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization,content-type"})
@@ -289,13 +286,15 @@ def test_cors_preflight_works_with_an_api_key(exported: Path) -> None:
 
 def test_non_ascii_api_key_matches(exported: Path, picture: np.ndarray) -> None:
     key = "schlüssel-ünïcode"
-    with TestClient(create_app(ServeConfig(artifacts=exported, max_batch=8, api_key=key))) as client:
+    with serve_client(artifacts=exported, max_batch=8, api_key=key) as client:
         ok = client.post("/v1/predict", content=png(picture), headers={"X-API-Key": key.encode("utf-8")})
         assert ok.status_code == 200, ok.text
         bearer = client.post("/v1/predict", content=png(picture), headers={"Authorization": b"Bearer " + key.encode("utf-8")})
         assert bearer.status_code == 200
     # what arrives on the wire is compared byte for byte (the test client re-encodes headers, so ASGI scopes here)
-    from starlette.requests import Request
+    from starlette.requests import (
+        Request,  # present: serve_client above skips without the serve extra
+    )
 
     from vitdeploy.serve.app import _authorized
 
@@ -307,18 +306,18 @@ def test_non_ascii_api_key_matches(exported: Path, picture: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("raw", ["²", "١", "+3", " 3", "3 ", "0x3", "3.0", "99999999999999999999"])
-def test_top_k_takes_ascii_digits_only(client_app: TestClient, picture: np.ndarray, raw: str) -> None:
+def test_top_k_takes_ascii_digits_only(client_app: Any, picture: np.ndarray, raw: str) -> None:
     response = client_app.post("/v1/predict", content=png(picture), params={"top_k": raw})
     assert response.status_code == 400 and "top_k must be an integer" in response.json()["error"]
 
 
 @pytest.fixture(scope="module")
-def client_app(exported: Path) -> TestClient:
-    with TestClient(create_app(ServeConfig(artifacts=exported, max_batch=8))) as client:
+def client_app(exported: Path) -> Any:
+    with serve_client(artifacts=exported, max_batch=8) as client:
         yield client
 
 
-def test_head_health_and_error_bodies(client_app: TestClient) -> None:
+def test_head_health_and_error_bodies(client_app: Any) -> None:
     assert client_app.head("/healthz").status_code == 200
     assert client_app.head("/readyz").status_code == 200
     missing = client_app.get("/no/such/page")
@@ -328,9 +327,11 @@ def test_head_health_and_error_bodies(client_app: TestClient) -> None:
 
 
 def test_500s_are_counted(exported: Path, picture: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitdeploy.serve import app as app_module
+    with serve_client(artifacts=exported, max_batch=8) as client:
+        from vitdeploy.serve import (
+            app as app_module,  # importable: serve_client skips without the serve extra
+        )
 
-    with TestClient(create_app(ServeConfig(artifacts=exported, max_batch=8))) as client:
         monkeypatch.setattr(app_module.predictions, "top_k", lambda *_a: 1 / 0)
         assert client.post("/v1/predict", content=png(picture)).status_code == 500
         metrics = client.get("/metrics").text
@@ -348,6 +349,7 @@ def _recv_all(sock: socket.socket, timeout: float) -> bytes:
     return data
 
 
+@needs_serve
 def test_stalled_uploads_do_not_stop_predictions_and_are_closed(exported: Path, picture: np.ndarray) -> None:
     port = free_port()
     server = subprocess.Popen(
@@ -414,6 +416,11 @@ def test_foreign_weights_are_one_line_everywhere(foreign_checkpoint: Path, cifar
     assert not (tmp_path / "a").exists()
     assert expected in one_error_line(run_cli("train", "--resume", str(foreign_checkpoint), "--out", str(tmp_path / "r"),
                                               "--data-dir", str(cifar_root), "--device", "cpu"))
+
+
+@needs_serve
+def test_foreign_weights_are_one_line_in_serve(foreign_checkpoint: Path) -> None:
+    expected = "says it holds vit_cifar_tiny, but its weights do not fit"
     assert expected in one_error_line(run_cli("serve", str(foreign_checkpoint), "--backend", "pytorch",
                                               "--port", str(free_port())))
 
@@ -457,6 +464,7 @@ def test_full_disk_during_export_and_training_is_one_line(trained: Path, cifar_r
     assert "No space left on device" in line
 
 
+@needs_serve
 def test_serve_load_failure_is_one_line(art: Path) -> None:
     damaged = b"this is not an onnx model"
     (art / "model.onnx").write_bytes(damaged)

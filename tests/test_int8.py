@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from fastapi.testclient import TestClient
 
-from tests.conftest import run_cli, write_batch
+from tests.conftest import run_cli, serve_client, write_batch
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import artifacts as artifacts_module
 from vitdeploy.export.artifacts import ExportOptions, export_artifacts
@@ -95,12 +94,26 @@ def test_calibration_is_deterministic(trained: Path, int8_art: Path, cifar_root:
     assert scales(tmp_path / "a.onnx") == scales(tmp_path / "b.onnx") and scales(tmp_path / "a.onnx")
 
 
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_vnni"}])  # both CPU forms, on any CPU
 def test_a_broken_calibration_fails_the_gate_and_is_kept_marked_failed(trained: Path, cifar_root: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    def constant(options: ExportOptions, _checkpoint: dict, _data_dir: Path) -> np.ndarray:
-        return np.zeros((options.int8_options.calib_images, 3, 32, 32), np.uint8)  # one constant image
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       flags: set[str]) -> None:
+    from vitdeploy.export import int8 as int8q
 
-    monkeypatch.setattr(artifacts_module, "_calibration_images", constant)
+    real = int8q.quantize
+
+    def miscalibrated(source: Path, out: Path, *args: object, **kwargs: object) -> dict:
+        """The real quantization with every scale then off by 50x: what a broken calibration does to a graph."""
+        record = real(source, out, *args, **kwargs)
+        model = onnx.load(str(out))
+        for tensor in model.graph.initializer:
+            if "scale" in tensor.name:
+                tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor) * 50, tensor.name))
+        onnx.save(model, str(out))
+        return record
+
+    monkeypatch.setattr(int8q, "quantize", miscalibrated)
+    monkeypatch.setattr(artifacts_module, "cpu_flags", lambda: flags)
     with pytest.raises(VitDeployError, match="parity failed for .*model_int8"):
         export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", int8=True, max_batch=16, data_dir=cifar_root,
                                        int8_options=Int8Options(calib_images=16), int8_max_accuracy_drop=0.5),
@@ -115,8 +128,6 @@ def test_int8_through_predict_bench_and_serve(int8_art: Path, cifar_root: Path, 
     from PIL import Image
 
     from vitdeploy.data import load_test
-    from vitdeploy.serve.app import create_app
-    from vitdeploy.serve.config import ServeConfig
 
     image = load_test(cifar_root).images[0].numpy().transpose(1, 2, 0)
     Image.fromarray(image).save(tmp_path / "x.png")
@@ -130,7 +141,7 @@ def test_int8_through_predict_bench_and_serve(int8_art: Path, cifar_root: Path, 
     assert {(r["precision"], r["batch_size"]) for r in report["records"] if r["mode"] == "end-to-end"} == {
         ("fp32", 1), ("fp32", 4), ("int8", 1), ("int8", 4)}
     assert "int8" in (tmp_path / "b" / "bench.csv").read_text()
-    with TestClient(create_app(ServeConfig(artifacts=int8_art, precision="int8", max_batch=8))) as client:
+    with serve_client(artifacts=int8_art, precision="int8", max_batch=8) as client:
         served = client.post("/v1/predict", content=(tmp_path / "x.png").read_bytes())
         assert served.status_code == 200
         assert [p["label"] for p in served.json()["predictions"]] == [p["label"] for p in top]

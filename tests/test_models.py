@@ -11,7 +11,14 @@ import torch
 
 from vitdeploy.checkpoint import FORMAT, FORMAT_VERSION
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import REGISTRY, build_model, get_spec, load_pretrained, load_weights_file, model_cost
+from vitdeploy.models import (
+    REGISTRY,
+    build_model,
+    get_spec,
+    load_pretrained,
+    load_weights_file,
+    model_cost,
+)
 
 
 def analytic_gflops(spec) -> float:

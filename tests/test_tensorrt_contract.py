@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vitdeploy.errors import VitDeployError
 from vitdeploy import tensorrt_runtime as trt_runtime
+from vitdeploy.errors import VitDeployError
 from vitdeploy.export import tensorrt as trt_export
 
 

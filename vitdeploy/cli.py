@@ -11,6 +11,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -174,45 +176,45 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
 
 @app.command()
 def train(
-    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`. [default: vit_b_16]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself). [default: data]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`.", show_default="vit_b_16")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself).", show_default="data")] = None,
     download: Annotated[Optional[bool], typer.Option("--download", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics. [default: runs/MODEL-TIME; with --resume, the checkpoint's run]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: the model's recipe]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size per optimizer step. [default: the model's recipe]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW). [default: the model's recipe]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.05]")] = None,
-    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise LR decay, 1 = off. [default: 0.75 fine-tuning, 1 from scratch]")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing. [default: 0.1]")] = None,
-    warmup_frac: Annotated[Optional[float], typer.Option(help="Fraction of steps for linear warm-up before cosine decay. [default: 0.05]")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Gradient-norm clip, 0 = off. [default: 1.0]")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (batch size stays global). [default: 1]")] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="Training recipe: auto, short or long (see `vitdeploy models`); it sets every option below that you do not. auto: long for 10+ epochs, short below, the model's default without --epochs. [default: auto]")] = None,
-    crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop augmentation: zero padding in px, 0 = no crops (flips stay on). [default: the recipe's]")] = None,
-    augment: Annotated[Optional[Augment], typer.Option(help="Per-sample augmentation policy: none or trivial (TrivialAugmentWide). [default: the recipe's]")] = None,
-    erase_prob: Annotated[Optional[float], typer.Option(help="Probability of random erasing per image, 0 = off. [default: the recipe's]")] = None,
-    mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup", help="Mixup with a fixed partner per sample. [default: the recipe's]")] = None,
-    mixup_alpha: Annotated[Optional[float], typer.Option(help="Mixup weight ~ Beta(alpha, alpha). [default: 0.8]")] = None,
-    cutmix: Annotated[Optional[bool], typer.Option("--cutmix/--no-cutmix", help="Cutmix (half of the samples each when mixup is on too). [default: the recipe's]")] = None,
-    cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha). [default: 1.0]")] = None,
-    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported. [default: the recipe's]")] = None,
-    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1). [default: tied to the run's length, 1 - 10/steps]")] = None,
-    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint. [default: 5000]")] = None,
-    test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass. [default: all 10,000]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics.", show_default="runs/MODEL-TIME; with --resume, the checkpoint's run")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="the model's recipe")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size per optimizer step.", show_default="the model's recipe")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW).", show_default="the model's recipe")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.", show_default="0.05")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise LR decay, 1 = off.", show_default="0.75 fine-tuning, 1 from scratch")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing.", show_default="0.1")] = None,
+    warmup_frac: Annotated[Optional[float], typer.Option(help="Fraction of steps for linear warm-up before cosine decay.", show_default="0.05")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Gradient-norm clip, 0 = off.", show_default="1.0")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (batch size stays global).", show_default="1")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Training recipe: auto, short or long (see `vitdeploy models`); it sets every option below that you do not. auto: long for 10+ epochs, short below, the model's default without --epochs.", show_default="auto")] = None,
+    crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop augmentation: zero padding in px, 0 = no crops (flips stay on).", show_default="the recipe's")] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Per-sample augmentation policy: none or trivial (TrivialAugmentWide).", show_default="the recipe's")] = None,
+    erase_prob: Annotated[Optional[float], typer.Option(help="Probability of random erasing per image, 0 = off.", show_default="the recipe's")] = None,
+    mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup", help="Mixup with a fixed partner per sample.", show_default="the recipe's")] = None,
+    mixup_alpha: Annotated[Optional[float], typer.Option(help="Mixup weight ~ Beta(alpha, alpha).", show_default="0.8")] = None,
+    cutmix: Annotated[Optional[bool], typer.Option("--cutmix/--no-cutmix", help="Cutmix (half of the samples each when mixup is on too).", show_default="the recipe's")] = None,
+    cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha).", show_default="1.0")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported.", show_default="the recipe's")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1).", show_default="tied to the run's length, 1 - 10/steps")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint.", show_default="5000")] = None,
+    test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass.", show_default="all 10,000")] = None,
     test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (quick runs).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init. [default: 0]")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Where to train. [default: auto]")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU. [default: auto]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init.", show_default="0")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Where to train.", show_default="auto")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU.", show_default="auto")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model.")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online). [default: yes where the model has them]")] = None,
-    pretrained_weights: Annotated[Optional[str], typer.Option(help="Which ImageNet weights (see `vitdeploy models`). [default: the first listed]")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online).", show_default="yes where the model has them")] = None,
+    pretrained_weights: Annotated[Optional[str], typer.Option(help="Which ImageNet weights (see `vitdeploy models`).", show_default="the first listed")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict or vitdeploy checkpoint.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from a checkpoint file or run folder (its last.pt).")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record. [default: 20]")] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all. [default: 2]")] = None,
-    eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test. [default: --batch-size]")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record.", show_default="20")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all.", show_default="2")] = None,
+    eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test.", show_default="--batch-size")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Run data-parallel on N processes of this machine (re-launches itself through torchrun; --batch-size stays global).")] = None,
 ) -> None:
     """Train or fine-tune a ViT on CIFAR-10 (validation split for model selection, test set reported).
@@ -298,7 +300,7 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 @app.command("bench-train")
 def bench_train(
     model: Annotated[list[str], typer.Option(help="Model name from `vitdeploy models`; repeat for several.")] = ["vit_b_16"],  # noqa: B006 - Typer default
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per step. [default: each model's recipe]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per step.", show_default="each model's recipe")] = None,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Untimed steps first (allocation, autotuning, compilation).")] = 5,
     source: Annotated[Source, typer.Option(help="real: CIFAR-10 through the on-device pipeline; synthetic: ready model-input tensors; both: compare.")] = Source.both,
@@ -336,23 +338,23 @@ def export(
     source: Annotated[Path, typer.Argument(help="A run folder (its best.pt) or a checkpoint file.")],
     out: Annotated[Path, typer.Option(help="Artifact folder to write (manifest.json and the models).")],
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
-    trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing). [default: with --fp16, when possible]")] = None,
+    trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing).", show_default="with --fp16, when possible")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
     fp16_policy: Annotated[FP16Policy, typer.Option(help="fp16 graph: matmul (MatMul/Gemm/Conv in fp16, the rest fp32) or activations (all activations fp16, LayerNorm statistics and logits fp32).")] = FP16Policy.matmul,
     int8: Annotated[bool, typer.Option("--int8", help="Also write INT8 graphs: one for ort-cpu (form chosen by this CPU's instruction set) and one for TensorRT (symmetric Q/DQ), each gated on accuracy.")] = False,
     calib_images: Annotated[int, typer.Option(help="Training images (outside the validation split) that calibrate INT8.")] = 512,
     calib_method: Annotated[CalibMethod, typer.Option(help="INT8 calibration: ONNX Runtime's minmax, entropy or percentile calibrator.")] = CalibMethod.minmax,
-    int8_exclude: Annotated[Optional[list[str]], typer.Option(help="ONNX node name to keep float in INT8 (repeatable). [default: the classification head]")] = None,
+    int8_exclude: Annotated[Optional[list[str]], typer.Option(help="ONNX node name to keep float in INT8 (repeatable).", show_default="the classification head")] = None,
     int8_max_accuracy_drop: Annotated[float, typer.Option(help="Largest INT8 accuracy loss against PyTorch fp32, percentage points.")] = 1.0,
-    trt_profile: Annotated[Optional[list[str]], typer.Option(help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch. [default: 1:1:1 and 2:min(32,max):max]")] = None,
+    trt_profile: Annotated[Optional[list[str]], typer.Option(help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch.", show_default="1:1:1 and 2:min(32,max):max")] = None,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
-    parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N). [default: the full test set]")] = 10_000,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py. [default: the run's]")] = None,
+    parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N).", show_default="the full test set")] = 10_000,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py.", show_default="the run's")] = None,
     triton: Annotated[Optional[Path], typer.Option(help="Also lay out a Triton model repository here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty --out.")] = False,
     workspace_gb: Annotated[float, typer.Option(help="TensorRT builder workspace limit, GiB.")] = 4.0,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, reused across builds. [default: ~/.cache/vitdeploy/tensorrt-timing.cache]")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, reused across builds.", show_default="~/.cache/vitdeploy/tensorrt-timing.cache")] = None,
     hardware_compatible: Annotated[bool, typer.Option("--hardware-compatible", help="TensorRT engine that runs on any Ampere or newer GPU (slower).")] = False,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", help="TensorRT engine that later TensorRT versions can run.")] = False,
 ) -> None:
@@ -369,8 +371,24 @@ def export(
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
         version_compatible=version_compatible,
     )
-    export_artifacts(options, say=lambda line: console.print(escape(line)))
+    with _sigterm_unwinds():  # a stopped export removes its staging folder and scratch files
+        export_artifacts(options, say=lambda line: console.print(escape(line)))
     console.print(f"wrote {out / 'manifest.json'}")
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM as an exit that runs every cleanup on its way out (exit code 143), instead of an instant death."""
+
+    def handler(signum: int, _frame: object) -> None:
+        print(f"error: stopped by signal {signum}; --out is as it was before this export", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _profile(text: str) -> tuple[int, int, int]:
@@ -392,22 +410,22 @@ def _csv(text: str, flag: str, cast: type = str) -> tuple:
 def bench(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
     backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
-    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8. [default: pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision]")] = "",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time. [default: 1,8,32,128, those within the exported range]")] = "",
+    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8.", show_default="pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision")] = "",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.", show_default="1,8,32,128, those within the exported range")] = "",
     mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,
     min_iters: Annotated[int, typer.Option(help="Timed iterations per configuration, at least.")] = 20,
     min_seconds: Annotated[float, typer.Option(help="Timed seconds per configuration, at least.")] = 1.0,
     max_seconds: Annotated[float, typer.Option(help="Cap on the timed seconds per configuration (reported when it cuts a run short).")] = 20.0,
-    limit: Annotated[Optional[int], typer.Option(help="Accuracy and parity on the first N test images. [default: all 10,000]")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py. [default: the one the export used]")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu (intra-op) and pytorch on the CPU. [default: each runtime's own]")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Accuracy and parity on the first N test images.", show_default="all 10,000")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py.", show_default="the one the export used")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu (intra-op) and pytorch on the CPU.", show_default="each runtime's own")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the pytorch backend.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend and reference).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.json, bench.csv, bench.png. [default: the artifact folder]")] = None,
-    max_abs_diff: Annotated[Optional[float], typer.Option(help="Largest allowed |logit - reference|. [default: 1e-3 for fp32, not enforced for fp16/bf16]")] = None,
-    tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this. [default: 2e-3 fp32, 0.5 fp16, 1.0 bf16]")] = None,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points. [default: 0 fp32, 0.1 fp16, 0.3 bf16]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for bench.json, bench.csv, bench.png.", show_default="the artifact folder")] = None,
+    max_abs_diff: Annotated[Optional[float], typer.Option(help="Largest allowed |logit - reference|.", show_default="1e-3 for fp32, not enforced for fp16/bf16")] = None,
+    tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this.", show_default="2e-3 fp32, 0.5 fp16, 1.0 bf16")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points.", show_default="0 fp32, 0.1 fp16, 0.3 bf16")] = None,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs (one per timed batch size) on the GPU backends trt, ort-cuda and pytorch; each graph is checked against the run without it first.")] = False,
 ) -> None:
     """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
@@ -498,7 +516,7 @@ def explain(
     method: Annotated[str, typer.Option(help="rollout (attention rollout) or grad-rollout (gradient-weighted, for one class).")] = "rollout",
     head_fusion: Annotated[str, typer.Option(help="rollout: how heads combine, mean or max.")] = "mean",
     discard_ratio: Annotated[float, typer.Option(help="rollout: fraction of the weakest attention entries dropped per layer, in [0, 1).")] = 0.0,
-    class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index. [default: each image's top-1]")] = None,
+    class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index.", show_default="each image's top-1")] = None,
     top_k: Annotated[int, typer.Option(help="Classes listed per image.")] = 5,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint of an artifact folder, if it moved since the export.")] = None,
 ) -> None:
@@ -507,13 +525,19 @@ def explain(
 
     import numpy as np
 
-    from vitdeploy.explain import check_options, class_index, explain_images, load_explained_model
-    from vitdeploy.files import atomic_write_bytes, atomic_write_text
+    from vitdeploy.explain import (
+        check_options,
+        class_index,
+        explain_images,
+        load_explained_model,
+    )
+    from vitdeploy.files import write_new_files
     from vitdeploy.images import load_image_file
     from vitdeploy.overlay import explanation_png
 
     check_options(method, head_fusion, discard_ratio)
     check_output_dir(out, "--out")
+    check_explain_out(out, images)
     model, preprocessing, classes, path = load_explained_model(source, checkpoint)
     if not 1 <= top_k <= len(classes):
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
@@ -521,20 +545,28 @@ def explain(
     batch = np.stack([load_image_file(image, preprocessing.source_size) for image in images])
     records, maps = explain_images(model, preprocessing, classes, batch, method, head_fusion, discard_ratio, target, top_k)
     out.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
     for image, pixels, record, heat in zip(images, batch, records, maps, strict=True):
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"
-        name, n = stem, 0
-        while name in used:  # the same file name twice (from different folders) keeps both
-            n += 1
-            name = f"{stem}-{n}"
-        used.add(name)
         record = {"image": str(image), "checkpoint": str(path), **record}
         title = f"{record['class']['label']} {100 * record['class']['probability']:.1f}%  ({method})  {image.name}"
-        atomic_write_bytes(out / f"{name}.png", explanation_png(pixels, heat, title))
-        atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2) + "\n")
+        # never over an existing file: the same name twice (from different folders, or an earlier run) keeps both
+        name = write_new_files(out, stem, {".png": explanation_png(pixels, heat, title),
+                                           ".json": (json.dumps(record, indent=2) + "\n").encode()})
         console.print(f"{escape(str(image))}: {record['class']['label']} {100 * record['class']['probability']:.1f}% -> "
                       f"{out / (name + '.png')}, {out / (name + '.json')}")
+
+
+def check_explain_out(out: Path, images: list[Path]) -> None:
+    """Refuse an --out that holds the images being explained or an artifact folder's files: explain adds
+    files beside them, and a name clash there is one a user would not expect."""
+    from vitdeploy.manifest import MANIFEST
+
+    folder = out.resolve()
+    if (folder / MANIFEST).exists():
+        raise VitDeployError(f"--out {out} is an artifact folder ({MANIFEST} is there); choose another folder for the maps")
+    inputs = [image for image in images if image.resolve().parent == folder]
+    if inputs:
+        raise VitDeployError(f"--out {out} holds the images being explained ({inputs[0]}); choose another folder")
 
 
 @app.command()
@@ -550,10 +582,11 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (413 beyond).")] = 8.0,
     max_images_per_request: Annotated[int, typer.Option(help="Most images in one /v1/predict/batch request.")] = 64,
     timeout_s: Annotated[float, typer.Option(help="Deadline for answering a request once it has arrived, seconds (504 beyond).")] = 30.0,
-    read_timeout_s: Annotated[float, typer.Option(help="Deadline for a request to arrive whole, headers and body, seconds (408 and the connection closed beyond).")] = 10.0,
+    read_timeout_s: Annotated[float, typer.Option(help="Deadline for a request to arrive whole, headers and body, seconds (408 and the connection closed beyond); pipelined requests included.")] = 10.0,
+    write_timeout_s: Annotated[float, typer.Option(help="Deadline for a client that stopped reading to take its response, seconds (the connection is dropped beyond).")] = 10.0,
     max_connections: Annotated[int, typer.Option(help="Most open connections; beyond it new requests get 503. Memory for bodies being read is at most this x --max-body-mb.")] = 512,
     api_key: Annotated[Optional[str], typer.Option(envvar="VITDEPLOY_API_KEY", help="Require this key (Authorization: Bearer KEY or X-API-Key) on every endpoint but /healthz, /readyz and the upload page.")] = None,
-    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeat for several). [default: CORS off]")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeat for several).", show_default="CORS off")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend).")] = None,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs on the GPU backends (trt, ort-cuda, pytorch): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
@@ -561,20 +594,25 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /v1/explain, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
+    from vitdeploy.backends.factory import check_cuda_graph
+    from vitdeploy.serve.config import ServeConfig, body_bytes
+
+    check_cuda_graph(backend.value, cuda_graph)  # a mistake in the options is named before a missing extra
+    max_body_bytes = body_bytes(max_body_mb)
     try:
         import uvicorn
 
         from vitdeploy.serve.app import create_app
-        from vitdeploy.serve.protocol import protocol_with_deadline
+        from vitdeploy.serve.protocol import listening_socket, protocol_with_deadlines
     except ImportError as exc:
         raise VitDeployError(f"serving needs the serve extra ({exc.name} is missing): pip install 'vitdeploy[serve]'") from exc
-    from vitdeploy.serve.config import ServeConfig
+    sock = listening_socket(host, port)  # a port in use is refused before the model loads
 
     config = ServeConfig(
         artifacts=artifacts, backend=backend.value, precision="fp32" if precision is InferencePrecision.auto else precision.value,
         host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-        max_body_bytes=int(max_body_mb * 2**20), max_images_per_request=max_images_per_request, timeout_s=timeout_s,
-        read_timeout_s=read_timeout_s, max_connections=max_connections,
+        max_body_bytes=max_body_bytes, max_images_per_request=max_images_per_request, timeout_s=timeout_s,
+        read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s, max_connections=max_connections,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), threads=threads,
         checkpoint=checkpoint, cuda_graph=cuda_graph, explain_queue=explain_queue,
     )
@@ -585,8 +623,10 @@ def serve(
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: a no-op one makes
     # a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, http=protocol_with_deadline(config.read_timeout_s),
-                limit_concurrency=config.max_connections, timeout_graceful_shutdown=config.shutdown_timeout_s)
+    server = uvicorn.Server(uvicorn.Config(
+        application, log_level=log_level, http=protocol_with_deadlines(config.read_timeout_s, config.write_timeout_s),
+        limit_concurrency=config.max_connections, timeout_graceful_shutdown=config.shutdown_timeout_s))
+    server.run(sockets=[sock])
 
 
 def _str(path: Optional[Path]) -> Optional[str]:

@@ -161,7 +161,7 @@ def class_index(choice: str, class_names: list[str]) -> int:
     """A class given by name or by index (ASCII digits)."""
     if choice in class_names:
         return class_names.index(choice)
-    if choice.isascii() and choice.isdigit() and int(choice) < len(class_names):
+    if choice.isascii() and choice.isdigit() and len(choice) <= 9 and int(choice) < len(class_names):
         return int(choice)
     raise VitDeployError(f"--class must be a class name ({', '.join(class_names)}) or an index from 0 to "
                          f"{len(class_names) - 1} (got {choice[:40]!r})")

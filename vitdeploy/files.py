@@ -50,6 +50,34 @@ def atomic_write_text(path: Path, text: str, durable: bool = False) -> None:
     atomic_write_bytes(path, text.encode(), durable)
 
 
+def write_new_files(folder: Path, stem: str, contents: dict[str, bytes]) -> str:
+    """Write `contents` (suffix -> bytes) as STEM[-N]SUFFIX in `folder`, with the first N that names no existing
+    file for any suffix; returns the stem used. Never replaces a file: each is written whole under a temporary
+    name and linked into place, which fails if the name was taken meanwhile (then the next N is tried)."""
+    folder = Path(folder)
+    for n in range(10_000):
+        name = stem if n == 0 else f"{stem}-{n}"
+        targets = {folder / f"{name}{suffix}": data for suffix, data in contents.items()}
+        if any(os.path.lexists(t) for t in targets):
+            continue
+        linked: list[Path] = []
+        try:
+            for target, data in targets.items():
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                try:
+                    tmp.write_bytes(data)
+                    os.link(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                linked.append(target)
+        except FileExistsError:  # taken between the check and the link: give back ours, try the next name
+            for target in linked:
+                target.unlink(missing_ok=True)
+            continue
+        return name
+    raise VitDeployError(f"{folder} has no free name for {stem}: choose another --out")
+
+
 def inside(folder: Path, name: object, what: str = "path") -> Path:
     """`folder / name` when it stays inside `folder` (symbolic links followed), else an error.
 

@@ -1,5 +1,5 @@
 """Image files -> uint8 RGB CHW arrays at the dataset resolution, the way every
-consumer (predict, serve) turns an arbitrary picture into model input.
+consumer (predict, explain, serve) turns an arbitrary picture into model input.
 
 Decoding is bounded against decompression bombs; pictures are taken as displayed (EXIF
 orientation, high bit depths scaled, transparency over white; see `to_rgb`); any size is
@@ -11,7 +11,6 @@ graph or the PyTorch backend) does the rest.
 from __future__ import annotations
 
 import io
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,13 +24,23 @@ if TYPE_CHECKING:
 MAX_PIXELS = 40_000_000  # a 20,000 x 2,000 image; anything larger is refused before decoding
 MIN_SIDE = 2
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as on a plain page
+CHUNK_ROWS = 256  # high-bit-depth pictures are brought to 8 bits this many rows at a time
+# Bytes per pixel of the decoded picture, by mode (the rest: 4, the widest Pillow has).
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+                    "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Memory of the decoded picture before any conversion: what one decode costs at least."""
+    return width * height * _BYTES_PER_PIXEL.get(mode, 4)
 
 
 def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     """uint8 array of shape (3, size, size) from PNG/JPEG/WebP/... bytes, as the picture is displayed.
 
-    The one decoder of every consumer (predict, serve): EXIF orientation applied, every
-    pixel mode brought to 8-bit RGB by `to_rgb`, then resized.
+    The one decoder of every consumer (predict, explain, serve): EXIF orientation applied,
+    every pixel mode brought to 8-bit RGB by `to_rgb`, then resized. Whatever a decoder
+    raises on hostile bytes is a refusal naming the image, never a traceback.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -39,57 +48,109 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
         raise VitDeployError(f"{name} is empty")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise VitDeployError(f"{name} is {width}x{height} pixels, more than the {MAX_PIXELS:,} pixels allowed")
-            if min(width, height) < MIN_SIDE:
-                raise VitDeployError(f"{name} is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
-            rgb = to_rgb(image)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+            check_size(image.size, name)
+            rgb = to_rgb(image, size)
             array = np.asarray(rgb, dtype=np.uint8)
+    except VitDeployError:
+        raise
     except Image.DecompressionBombError as exc:  # PIL's own limit, hit before ours for the largest images
         raise VitDeployError(f"{name} has more than the {MAX_PIXELS:,} pixels allowed ({exc})") from None
     except UnidentifiedImageError:
         raise VitDeployError(f"{name} is not a readable image: not a format vitdeploy reads (PNG, JPEG, WebP, GIF, BMP, TIFF)") from None
-    except (OSError, ValueError, SyntaxError, TypeError, struct.error) as exc:
-        raise VitDeployError(f"{name} is not a readable image: damaged or truncated ({str(exc)[:120]})") from None
+    except MemoryError:
+        raise VitDeployError(f"{name} needs more memory to decode than this machine has free") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types (OSError, ValueError, NotImplementedError...)
+        raise VitDeployError(f"{name} is not a readable image: damaged, truncated or unsupported "
+                             f"({type(exc).__name__}: {str(exc)[:120]})") from None
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB of a decoded picture, upright as displayed.
+def check_size(size: tuple[int, int], name: str) -> None:
+    """Refuse a picture by its header: too many pixels to decode, or too small to be an image."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise VitDeployError(f"{name} is {width}x{height} pixels, more than the {MAX_PIXELS:,} pixels allowed")
+    if min(width, height) < MIN_SIDE:
+        raise VitDeployError(f"{name} is {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+
+
+def header(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, mode) from the header alone, or None when Pillow cannot tell: cheap enough for the
+    event loop's caller to choose where to decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return (*image.size, image.mode)
+    except Exception:  # noqa: BLE001 - decode_image gives the refusal with its reason
+        return None
+
+
+def to_rgb(image: Image.Image, size: int) -> Image.Image:
+    """8-bit RGB of a decoded picture at size x size, upright as displayed.
 
     - EXIF orientation (phone photos) is applied first.
     - 16-bit and 32-bit integer grayscale (modes I;16*, I) are scaled from 0..65535 to
       0..255 (value / 257, rounded), never clipped; 32-bit float (F) is taken as 0..1 when
-      its largest value is at most 1, else as 0..255, then clipped; NaN becomes 0.
+      its largest value is at most 1, else as 0..255, then clipped; NaN becomes 0. Both in
+      row chunks, so a large picture costs little beyond its decoded size.
     - 16-bit RGB PNGs are reduced to 8 bits by Pillow itself (high byte).
-    - Transparency (RGBA, LA, PA, P with a transparent colour) is composited over white.
+    - Transparency (RGBA, LA, PA, P with a transparent colour, and the colour key of an RGB
+      or L picture) is composited over white; RGBA and LA are resized first (Pillow
+      resizes them with premultiplied alpha), so compositing happens at the small size.
     - Everything else (L, 1, P, CMYK, YCbCr, LAB, ...) goes through Pillow's own conversion.
+    The result is resized to size x size with the bicubic filter (antialiased).
     """
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
     mode = image.mode
-    if mode.startswith("I"):
-        values = np.asarray(image).astype(np.float64)
-        gray = np.clip(values, 0, 65535) / 257.0
-        return Image.fromarray(np.rint(gray).astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if values.size and values.max() <= 1.0:
-            values = values * 255.0
-        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        image = _eight_bit_gray(image)
+    elif "transparency" in image.info and mode not in ("RGBA", "LA"):
+        image = image.convert("RGBA")  # palette or colour key: the keyed pixels become transparent
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        small = _resized(image, size).convert("RGBA")
+        background = Image.new("RGBA", small.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, small).convert("RGB")
+    if image.mode in ("1", "P"):
+        image = image.convert("RGB")  # palette indices and bits do not average: resize the colours
+    return _resized(image, size).convert("RGB")
+
+
+def _resized(image: Image.Image, size: int) -> Image.Image:
+    from PIL import Image
+
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _eight_bit_gray(image: Image.Image) -> Image.Image:
+    """Mode L of a 16/32-bit integer or float grayscale picture (see to_rgb), a chunk of rows at a time."""
+    from PIL import Image
+
+    width, height = image.size
+    out = np.empty((height, width), np.uint8)
+    scale_float = image.mode == "F" and (image.getextrema()[1] or 0.0) <= 1.0
+    for top in range(0, height, CHUNK_ROWS):
+        rows = np.asarray(image.crop((0, top, width, min(top + CHUNK_ROWS, height))))
+        if image.mode == "F":
+            values = np.nan_to_num(rows.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+            if scale_float:
+                values *= 255.0
+            out[top:top + len(rows)] = np.rint(np.clip(values, 0, 255))
+        else:  # round(v / 257) for integers 0..65535 (no ties: 257 is odd)
+            values = np.clip(rows.astype(np.int64), 0, 65535)
+            out[top:top + len(rows)] = (values + 128) // 257
+    return Image.fromarray(out, "L")
 
 
 def load_image_file(path: Path, size: int) -> np.ndarray:
+    """An image file as decode_image makes it; a folder or a missing file is named as such."""
     path = Path(path)
+    if path.is_dir():
+        raise VitDeployError(f"{path} is a folder, not an image file; name the images in it (e.g. {path}/*.png)")
     if not path.is_file():
         raise VitDeployError(f"image {path} does not exist")
     return decode_image(path.read_bytes(), size, str(path))

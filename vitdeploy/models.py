@@ -20,7 +20,13 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from vitdeploy.checkpoint import FORMAT, safe_load
 from vitdeploy.errors import VitDeployError
-from vitdeploy.preprocess import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from vitdeploy.preprocess import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+)
 
 HEAD_PREFIX = "heads."
 

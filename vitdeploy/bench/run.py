@@ -17,12 +17,17 @@ import numpy as np
 import torch
 
 from vitdeploy.backends.base import Backend, run_batches
-from vitdeploy.backends.factory import BACKENDS, GRAPH_BACKENDS, model_input, open_backend
+from vitdeploy.backends.factory import (
+    BACKENDS,
+    GRAPH_BACKENDS,
+    model_input,
+    open_backend,
+)
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
-from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
 from vitdeploy.manifest import read_manifest
+from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
 from vitdeploy.versions import backend_statuses, cuda_devices, device_record, versions
 
 MODES = ("end-to-end", "device")

@@ -35,7 +35,15 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, tensorrt, triton, trt_compat
 from vitdeploy.export import int8 as int8q
 from vitdeploy.files import check_output_dir
-from vitdeploy.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_record, sha256_file, validate_manifest, write_manifest
+from vitdeploy.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    file_record,
+    sha256_file,
+    validate_manifest,
+    write_manifest,
+)
 from vitdeploy.models import checkpoint_weights, model_from_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.versions import backend_statuses, cpu_flags, versions
@@ -253,126 +261,132 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     calibration = _calibration_images(options, checkpoint, data_dir) if options.int8 else None
 
     staging = prepare_out(options.out, options.force)
-    contract = onnx_export.input_spec(preprocessing, options.preprocess_in_graph)
-    feed = images if options.preprocess_in_graph else Preprocess(preprocessing)(torch.from_numpy(images)).numpy()
-    weights = checkpoint_weights(checkpoint)[0]
-    say(f"weights: {'the EMA of the run (what it evaluated and chose best.pt by)' if weights == 'ema' else 'the trained weights'} "
-        f"of {ckpt_path}")
-    say(f"reference: PyTorch fp32 on {n} test images from {data_dir}")
-    with TorchBackend(model, preprocessing) as reference:
-        ref_logits = run_batches(reference, images, options.max_batch)
+    try:
+        contract = onnx_export.input_spec(preprocessing, options.preprocess_in_graph)
+        feed = images if options.preprocess_in_graph else Preprocess(preprocessing)(torch.from_numpy(images)).numpy()
+        weights = checkpoint_weights(checkpoint)[0]
+        say(f"weights: {'the EMA of the run (what it evaluated and chose best.pt by)' if weights == 'ema' else 'the trained weights'} "
+            f"of {ckpt_path}")
+        say(f"reference: PyTorch fp32 on {n} test images from {data_dir}")
+        with TorchBackend(model, preprocessing) as reference:
+            ref_logits = run_batches(reference, images, options.max_batch)
 
-    ckpt_hash = sha256_file(ckpt_path)
-    metadata = {
-        "vitdeploy.model": spec.name,
-        "vitdeploy.class_names": ",".join(class_names),
-        "vitdeploy.preprocessing": _json(preprocessing.to_dict()),
-        "vitdeploy.input_contract": _json(contract),
-        "vitdeploy.version": __version__,
-        "vitdeploy.source_checkpoint_sha256": ckpt_hash,
-    }
-    artifacts: list[dict[str, Any]] = []
-    failed: list[str] = []
-
-    ort_cuda = next(s for s in backend_statuses() if s.name == "ort-cuda").usable  # probed once, not per file
-
-    def verify_onnx(name: str, precision: str, external: list[str], extra: dict[str, Any] | None = None) -> None:
-        path = staging / name
-        onnx_export.check_onnx(path)
-        inputs, outputs = onnx_export.io_records(path)
-        with OrtBackend(path, "cpu", precision=precision) as backend:
-            logits = run_batches(backend, feed, options.max_batch)
-        metrics = parity.compare(ref_logits, logits, labels, options.tolerance(precision))
-        say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
-        if not metrics["passed"]:
-            failed.append(name)
-        cuda_metrics = (_cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch)
-                        if ort_cuda and precision != "int8" else None)
-        if cuda_metrics is not None:
-            say(f"{name} (ONNX Runtime CUDA vs PyTorch fp32): {parity.describe(cuda_metrics)}")
-            if not cuda_metrics["passed"]:
-                failed.append(f"{name} on CUDA")
-        for_cpu_only = (extra or {}).get("int8", {}).get("target") == "cpu"
-        check = None if for_cpu_only else trt_compat.preflight(onnx.load(str(path), load_external_data=False))
-        if check is not None:
-            say(f"{name} TensorRT preflight ({check['checked_against']}): "
-                + ("ok" if check["ok"] else "PROBLEMS: " + "; ".join(check["problems"])))
-        record = {
-            "kind": "onnx", "precision": precision, **file_record(staging, name),
-            "external_data": [file_record(staging, e) for e in external],
-            "opset": onnx_export.OPSET, "inputs": inputs, "outputs": outputs,
-            "status": "passed" if metrics["passed"] and (cuda_metrics or {"passed": True})["passed"] else "failed",
-            "parity": {"backend": "ort-cpu", **metrics},
-            "tensorrt_preflight": check,
+        ckpt_hash = sha256_file(ckpt_path)
+        metadata = {
+            "vitdeploy.model": spec.name,
+            "vitdeploy.class_names": ",".join(class_names),
+            "vitdeploy.preprocessing": _json(preprocessing.to_dict()),
+            "vitdeploy.input_contract": _json(contract),
+            "vitdeploy.version": __version__,
+            "vitdeploy.source_checkpoint_sha256": ckpt_hash,
         }
-        if precision == "fp16":
-            record["fp16_policy"] = options.fp16_policy
-        record.update(extra or {})
-        if cuda_metrics is not None:
-            record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
-        artifacts.append(record)
+        artifacts: list[dict[str, Any]] = []
+        failed: list[str] = []
 
-    say(f"exporting {spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch})")
-    module = onnx_export.InferenceModel(model, preprocessing, options.preprocess_in_graph)
-    example = onnx_export.example_input(preprocessing, options.preprocess_in_graph, max(2, min(options.max_batch, 4)))
-    if options.max_batch < 2:
-        example = example[:1]
-    external = onnx_export.export_onnx(module, example, staging / "model.onnx", options.min_batch, options.max_batch, metadata)
-    verify_onnx("model.onnx", "fp32", ["model.onnx.data"] if external else [])
+        ort_cuda = next(s for s in backend_statuses() if s.name == "ort-cuda").usable  # probed once, not per file
 
-    if options.fp16:
-        say(f"converting to fp16, policy {options.fp16_policy}: {fp16.POLICIES[options.fp16_policy]}")
-        if options.fp16_policy == "activations":
-            if external:
-                raise VitDeployError("--fp16-policy activations needs the whole graph in memory and this model's weights "
-                                     "exceed 1 GiB; use --fp16-policy matmul")
-            low = fp16.convert_activations_to_fp16(onnx.load(str(staging / "model.onnx")))
-        else:
-            floats = fp16.float_tensors(onnx.load(str(staging / "model.onnx"), load_external_data=False))
-            low = fp16.convert_to_mixed_fp16(onnx.load(str(staging / "model.onnx")), floats)
-        low_external = external  # fp16 halves only the weights: keep the fp32 decision
-        trt_compat.save_graph(low, staging / "model_fp16.onnx", "model_fp16.onnx.data" if low_external else None)
-        verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
+        def verify_onnx(name: str, precision: str, external: list[str], extra: dict[str, Any] | None = None) -> None:
+            path = staging / name
+            onnx_export.check_onnx(path)
+            inputs, outputs = onnx_export.io_records(path)
+            with OrtBackend(path, "cpu", precision=precision) as backend:
+                logits = run_batches(backend, feed, options.max_batch)
+            metrics = parity.compare(ref_logits, logits, labels, options.tolerance(precision))
+            say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
+            if not metrics["passed"]:
+                failed.append(name)
+            cuda_metrics = (_cuda_parity(path, precision, feed, ref_logits, labels, options.max_batch)
+                            if ort_cuda and precision != "int8" else None)
+            if cuda_metrics is not None:
+                say(f"{name} (ONNX Runtime CUDA vs PyTorch fp32): {parity.describe(cuda_metrics)}")
+                if not cuda_metrics["passed"]:
+                    failed.append(f"{name} on CUDA")
+            for_cpu_only = (extra or {}).get("int8", {}).get("target") == "cpu"
+            check = None if for_cpu_only else trt_compat.preflight(onnx.load(str(path), load_external_data=False))
+            if check is not None:
+                say(f"{name} TensorRT preflight ({check['checked_against']}): "
+                    + ("ok" if check["ok"] else "PROBLEMS: " + "; ".join(check["problems"])))
+            record = {
+                "kind": "onnx", "precision": precision, **file_record(staging, name),
+                "external_data": [file_record(staging, e) for e in external],
+                "opset": onnx_export.OPSET, "inputs": inputs, "outputs": outputs,
+                "status": "passed" if metrics["passed"] and (cuda_metrics or {"passed": True})["passed"] else "failed",
+                "parity": {"backend": "ort-cpu", **metrics},
+                "tensorrt_preflight": check,
+            }
+            if precision == "fp16":
+                record["fp16_policy"] = options.fp16_policy
+            record.update(extra or {})
+            if cuda_metrics is not None:
+                record["parity_cuda"] = {"backend": "ort-cuda", **cuda_metrics}
+            artifacts.append(record)
 
-    if options.int8:
-        _export_int8(staging, options, calibration, verify_onnx, say, external, preprocessing.input_size)
+        say(f"exporting {spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch})")
+        module = onnx_export.InferenceModel(model, preprocessing, options.preprocess_in_graph)
+        example = onnx_export.example_input(preprocessing, options.preprocess_in_graph, max(2, min(options.max_batch, 4)))
+        if options.max_batch < 2:
+            example = example[:1]
+        external = onnx_export.export_onnx(module, example, staging / "model.onnx", options.min_batch, options.max_batch, metadata)
+        if options.int8 and not external:  # --int8-exclude names nodes of this graph: checked before any parity run
+            int8q.quantizable_nodes(onnx.load(str(staging / "model.onnx")), options.int8_options.exclude)
+        verify_onnx("model.onnx", "fp32", ["model.onnx.data"] if external else [])
 
-    engine_record = None
-    if trt is not None:
-        engines = [("model_fp16.onnx", "fp16") if options.fp16 else ("model.onnx", "fp32")]
+        if options.fp16:
+            say(f"converting to fp16, policy {options.fp16_policy}: {fp16.POLICIES[options.fp16_policy]}")
+            if options.fp16_policy == "activations":
+                if external:
+                    raise VitDeployError("--fp16-policy activations needs the whole graph in memory and this model's weights "
+                                         "exceed 1 GiB; use --fp16-policy matmul")
+                low = fp16.convert_activations_to_fp16(onnx.load(str(staging / "model.onnx")))
+            else:
+                floats = fp16.float_tensors(onnx.load(str(staging / "model.onnx"), load_external_data=False))
+                low = fp16.convert_to_mixed_fp16(onnx.load(str(staging / "model.onnx")), floats)
+            low_external = external  # fp16 halves only the weights: keep the fp32 decision
+            trt_compat.save_graph(low, staging / "model_fp16.onnx", "model_fp16.onnx.data" if low_external else None)
+            verify_onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if low_external else [])
+
         if options.int8:
-            engines.append(("model_int8_trt.onnx", "int8"))
-        for source, precision in engines:
-            engine_record = _build_engine(trt, staging, source, precision, contract, options, ref_logits, feed, labels,
-                                          say, failed)
-            artifacts.append(engine_record)
-    else:
-        say(f"no TensorRT engine: {no_trt_reason}")
+            _export_int8(staging, options, calibration, verify_onnx, say, external, preprocessing.input_size)
 
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "vitdeploy_version": __version__, "versions": versions(),
-        "model": {"name": spec.name, "num_classes": len(class_names), "class_names": class_names,
-                  "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": ckpt_hash},
-                  "weights": weights},
-        "preprocessing": preprocessing.to_dict(),
-        "input": contract,
-        "output": {"name": onnx_export.OUTPUT, "dtype": "float32", "shape": ["batch", len(class_names)],
-                   "description": "unnormalized class scores; softmax gives probabilities"},
-        "batch": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
-        "parity_data": {"data_dir": str(data_dir), "images": n, "labels": "first N images of the CIFAR-10 test set"},
-        "artifacts": artifacts,
-        "tensorrt": {"built": engine_record is not None, "reason": no_trt_reason},
-    }
-    if options.triton is not None:
-        manifest["triton"] = _write_triton(options.triton, staging, spec.name, manifest)
-        say(f"Triton model repository: {options.triton}")
-    write_manifest(staging, manifest)
-    _publish(staging, options.out, manifest)
-    if failed:
-        raise VitDeployError(f"parity failed for {', '.join(failed)} (kept, marked failed in {options.out / MANIFEST}); see the lines above")
-    return manifest
+        engine_record = None
+        if trt is not None:
+            engines = [("model_fp16.onnx", "fp16") if options.fp16 else ("model.onnx", "fp32")]
+            if options.int8:
+                engines.append(("model_int8_trt.onnx", "int8"))
+            for source, precision in engines:
+                engine_record = _build_engine(trt, staging, source, precision, contract, options, ref_logits, feed, labels,
+                                              say, failed)
+                artifacts.append(engine_record)
+        else:
+            say(f"no TensorRT engine: {no_trt_reason}")
+
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "vitdeploy_version": __version__, "versions": versions(),
+            "model": {"name": spec.name, "num_classes": len(class_names), "class_names": class_names,
+                      "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": ckpt_hash},
+                      "weights": weights},
+            "preprocessing": preprocessing.to_dict(),
+            "input": contract,
+            "output": {"name": onnx_export.OUTPUT, "dtype": "float32", "shape": ["batch", len(class_names)],
+                       "description": "unnormalized class scores; softmax gives probabilities"},
+            "batch": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
+            "parity_data": {"data_dir": str(data_dir), "images": n, "labels": "first N images of the CIFAR-10 test set"},
+            "artifacts": artifacts,
+            "tensorrt": {"built": engine_record is not None, "reason": no_trt_reason},
+        }
+        if options.triton is not None:
+            manifest["triton"] = _write_triton(options.triton, staging, spec.name, manifest)
+            say(f"Triton model repository: {options.triton}")
+        write_manifest(staging, manifest)
+        _publish(staging, options.out, manifest)
+        if failed:
+            raise VitDeployError(f"parity failed for {', '.join(failed)} (kept, marked failed in {options.out / MANIFEST}); see the lines above")
+        return manifest
+    except BaseException:  # an error, a full disk, SIGTERM (the CLI turns it into SystemExit): no debris beside --out
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _calibration_images(options: ExportOptions, checkpoint: dict[str, Any], data_dir: Path) -> np.ndarray:
@@ -400,8 +414,9 @@ def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray,
         say(f"quantizing to INT8 for {'ort-cpu' if target == 'cpu' else 'trt and ort-trt'}: {form}"
             + (f" ({rule['reason']})" if target == "cpu" else " (symmetric s8 Q/DQ, as TensorRT requires)")
             + ("" if form == "dynamic" else f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})"))
-        record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options,
-                                model_px=model_px)
+        with int8q.temporary_files_in(staging):  # ONNX Runtime's scratch files: removed with the staging folder
+            record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options,
+                                    model_px=model_px)
         record.update(target=target, backends=["ort-cpu"] if target == "cpu" else ["trt", "ort-trt"])
         if target == "cpu":
             record.update(rule=rule["reason"], cpu_int8_flags=rule["cpu_int8_flags"])

@@ -21,7 +21,10 @@ classification head, the layer most sensitive to quantization).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +88,35 @@ def quantizable_nodes(model: onnx.ModelProto, exclude: tuple[str, ...]) -> tuple
     if not exclude and with_weights:
         exclude = (with_weights[-1].name,)  # the classification head
     quantize = [n.name for n in with_weights if n.name not in exclude]
+    if not quantize:  # ONNX Runtime reads an empty list as "every node"
+        raise VitDeployError(f"--int8-exclude leaves nothing to quantize: it names all {len(with_weights)} MatMul/Gemm "
+                             "nodes with weights; exclude fewer, or export without --int8")
     kept = [n.name for n in matmuls if n.name not in quantize]
     return quantize, kept
+
+
+def quantized_count(path: Path) -> int:
+    """MatMul/Gemm nodes that run in INT8 in the written graph: integer kernels (dynamic form) or float
+    ones whose weight comes through a DequantizeLinear (Q/DQ forms). What the manifest reports."""
+    model = onnx.load(str(path))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    integer = sum(n.op_type in ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul") for n in model.graph.node)
+    qdq = sum(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in dequantized for n in model.graph.node)
+    return integer + qdq
+
+
+@contextmanager
+def temporary_files_in(folder: Path) -> Iterator[None]:
+    """Point Python's temporary files (ONNX Runtime's quantizer keeps its augmented model and calibration
+    data in a tempfile folder) into `folder`, so that an interrupted export leaves nothing in /tmp."""
+    scratch = Path(folder) / ".tmp"
+    scratch.mkdir(exist_ok=True)
+    previous, tempfile.tempdir = tempfile.tempdir, str(scratch)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _Reader:
@@ -120,7 +150,12 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
              input_name: str = "input", model_px: int = 32) -> dict[str, Any]:
     """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-s8-symmetric') for `source`; returns
     what the manifest records (form, quantized and float nodes, calibration, peak memory)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_name(out.name + ".pre.onnx")
@@ -134,7 +169,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
     if form == "dynamic":
         quantize_dynamic(model, str(out), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
                          per_channel=True, weight_type=QuantType.QInt8)
-        record["calibration"] = None
+        record.update(calibration=None, quantized_nodes=quantized_count(out))
         return record
     if images is None or not len(images):
         raise VitDeployError("static INT8 quantization needs calibration images; pass --data-dir with the training batches")
@@ -152,6 +187,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=_method(options.calib_method), extra_options=extra)
     peak = _peak_rss_kib()
+    record["quantized_nodes"] = quantized_count(out)
     record["calibration"] = {"method": options.calib_method, "images": int(len(images)), "seed": options.seed,
                              "source": "training images outside the validation split, through the graph's own preprocessing",
                              "chunk_images": chunk,

@@ -12,11 +12,11 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -32,12 +32,12 @@ from vitdeploy.backends.base import Backend
 from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.backends.graphs import power_of_two_buckets
 from vitdeploy.errors import VitDeployError
-from vitdeploy.images import decode_image
-from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
-from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
 from vitdeploy.explain import METHODS, class_index
+from vitdeploy.manifest import MANIFEST, read_manifest, sha256_file
 from vitdeploy.overlay import overlay_png
+from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
 from vitdeploy.serve.config import ServeConfig
+from vitdeploy.serve.decoder import Decoder
 from vitdeploy.serve.explainer import ExplainBusy, Explainer
 from vitdeploy.serve.metrics import Metrics
 
@@ -45,6 +45,7 @@ log = logging.getLogger("vitdeploy.serve")
 OPEN_PATHS = ("/healthz", "/readyz", "/", "/favicon.ico", "/favicon.svg")  # no API key: liveness, readiness, the static page
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # counted in metrics for requests whose client went away (never sent)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -153,6 +154,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     if explainer is None:
         log.warning("/v1/explain will answer 503: %s", no_explainer)
     state: dict[str, Any] = {"ready": False, "batcher": None, "in_flight": 0}
+    decoder = Decoder(size)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -173,6 +175,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             state["ready"] = False
             await batcher.close()  # answers everything still queued
+            decoder.close()
             backend.deactivate()
             if explainer is not None:
                 explainer.close()
@@ -231,11 +234,20 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["in_flight"] -= 1
             metrics.in_flight.set(state["in_flight"])
 
+    async def within_deadline(start: float, work: Awaitable[T]) -> T:
+        """`work`, within what is left of --timeout-s for a request that reached the app at `start`: reading
+        its body, decoding, queueing and inference all count."""
+        left = config.timeout_s - (time.monotonic() - start)
+        try:
+            return await asyncio.wait_for(work, max(left, 0.001))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(504, f"no answer within {config.timeout_s:g} s") from None
+
     async def decode(items: list[tuple[str, bytes]]) -> list[np.ndarray]:
         images = []
         for name, data in items:
             try:
-                images.append(await asyncio.to_thread(decode_image, data, size, name))
+                images.append(await decoder.decode(data, name))
             except VitDeployError as exc:
                 raise ApiError(400, str(exc)) from None
         return images
@@ -254,38 +266,52 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             metrics.queue_depth.set(batcher.depth)
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), config.timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):
+            rows = await asyncio.gather(*futures)
+        except asyncio.CancelledError:  # the request's deadline: its images leave the queue unanswered
             for future in futures:
                 future.cancel()
-            raise ApiError(504, f"no answer within {config.timeout_s:g} s") from None
+            raise
         return [predictions.top_k(row, classes, top_k) for row in rows]
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
         """One image: raw bytes as the body, or a multipart part named `file`."""
+        start = time.monotonic()
         top_k = _top_k(request, len(classes))
-        items = await _read_images(request, config, multiple=False)
-        async with admitted():
-            return {"model": manifest["model"]["name"], "predictions": (await predict_images(items, top_k))[0]}
+
+        async def answer() -> dict[str, Any]:
+            items = await _read_images(request, config, multiple=False)
+            async with admitted():
+                return {"model": manifest["model"]["name"], "predictions": (await predict_images(items, top_k))[0]}
+
+        return await within_deadline(start, answer())
 
     @app.post("/v1/predict/batch")
     async def predict_batch(request: Request) -> dict[str, Any]:
         """Several images: multipart parts named `files` (or `file`), answered in order."""
+        start = time.monotonic()
         top_k = _top_k(request, len(classes))
-        items = await _read_images(request, config, multiple=True)
-        async with admitted():
-            results = await predict_images(items, top_k)
-        return {"model": manifest["model"]["name"],
-                "results": [{"filename": name, "predictions": p} for (name, _), p in zip(items, results, strict=True)]}
+
+        async def answer() -> dict[str, Any]:
+            items = await _read_images(request, config, multiple=True)
+            async with admitted():
+                results = await predict_images(items, top_k)
+            return {"model": manifest["model"]["name"],
+                    "results": [{"filename": name, "predictions": p} for (name, _), p in zip(items, results, strict=True)]}
+
+        return await within_deadline(start, answer())
 
     @app.post("/v1/explain")
     async def explain(request: Request) -> Response:
         """Where the model looks for one image (body as for /v1/predict): the served backend's
         top-1 class (or ?class=NAME|INDEX) explained by the server's PyTorch copy of the model;
         ?method=rollout|grad-rollout; ?format=png for the overlay picture instead of JSON."""
+        start = time.monotonic()
         if explainer is None:
             raise ApiError(503, no_explainer)
+        if explainer.full():  # refused before the body is decoded or predicted
+            raise ApiError(503, f"explainer busy: {explainer.pending} explanations in progress or waiting (limit "
+                                f"{explainer.max_waiting}); retry later", {"Retry-After": RETRY_AFTER_S})
         fmt = request.query_params.get("format", "json")
         method = request.query_params.get("method", "rollout")
         if fmt not in ("json", "png"):
@@ -297,10 +323,14 @@ def create_app(config: ServeConfig) -> FastAPI:
             target = None if chosen is None else class_index(chosen, classes)
         except VitDeployError as exc:
             raise ApiError(400, str(exc).replace("--class", "class")) from None
-        items = await _read_images(request, config, multiple=False)
-        async with admitted():
-            image = (await decode(items))[0]
-            served = (await predict_decoded([image], 1))[0][0]
+
+        async def decoded_and_served() -> tuple[np.ndarray, dict[str, Any]]:
+            items = await _read_images(request, config, multiple=False)
+            async with admitted():
+                image = (await decode(items))[0]
+                return image, (await predict_decoded([image], 1))[0][0]
+
+        image, served = await within_deadline(start, decoded_and_served())
         target = served["class_index"] if target is None else target
         try:
             record, heat, seconds = await explainer.explain(image, method, target)
@@ -345,7 +375,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             "backend": backend.describe(),
             "serving": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue,
                         "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s,
-                        "read_timeout_s": config.read_timeout_s, "cuda_graph": config.cuda_graph,
+                        "read_timeout_s": config.read_timeout_s, "write_timeout_s": config.write_timeout_s,
+                        "cuda_graph": config.cuda_graph,
                         "explain": {"available": explainer is not None, "reason": no_explainer or None,
                                     "max_waiting": config.explain_queue, "methods": list(METHODS)}},
         }

@@ -53,9 +53,13 @@ class Explainer:
             return None, f"no PyTorch model to explain with: {exc}"
         return cls(model, preprocessing, classes, max_waiting), ""
 
+    def full(self) -> bool:
+        """Whether an explanation asked for now would be refused (a cheap check before any work)."""
+        return self.pending >= self.max_waiting
+
     async def explain(self, image: np.ndarray, method: str, target: int) -> tuple[dict[str, Any], np.ndarray, float]:
         """(record, map, seconds) for one uint8 image (3 x H x W) and class `target`."""
-        if self.pending >= self.max_waiting:
+        if self.full():
             raise ExplainBusy(f"{self.pending} explanations in progress or waiting (limit {self.max_waiting})")
         self.pending += 1
         try:

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from vitdeploy.preprocess import Preprocess, augment_params, random_crop_flip, sample_uniforms
+from vitdeploy.preprocess import (
+    Preprocess,
+    augment_params,
+    random_crop_flip,
+    sample_uniforms,
+)
 
 AUGMENTS = ("none", "trivial")
 _TRIVIAL, _ERASE, _MIX = 2, 3, 4  # hash streams (1 is the crop/flip stream)

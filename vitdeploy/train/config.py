@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from vitdeploy.data import IMAGE_SHAPE
 from vitdeploy.errors import VitDeployError
 from vitdeploy.models import DEFAULT_MODEL, get_spec
 from vitdeploy.train.augment import AUGMENTS
@@ -60,21 +61,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         spec = get_spec(self.model)
         checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})"),
+            (1 <= self.epochs <= 100_000, f"--epochs must be at least 1 and at most 100000 (got {self.epochs})"),
+            (1 <= self.batch_size <= 65_536, f"--batch-size must be at least 1 and at most 65536 (got {self.batch_size})"),
+            (1 <= self.grad_accum <= self.batch_size, f"--grad-accum must be in 1..--batch-size (got {self.grad_accum})"),
             (self.batch_size % self.grad_accum == 0, f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum}"),
-            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (0 < self.lr <= 10, f"--lr must be positive and at most 10 (got {self.lr})"),
+            (0 <= self.weight_decay <= 10, f"--weight-decay must be in [0, 10] (got {self.weight_decay})"),
             (0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (0 <= self.warmup_frac < 1, "--warmup-frac must be in [0, 1)"),
-            (self.grad_clip >= 0, "--grad-clip must not be negative (0 turns clipping off)"),
-            (self.crop_padding >= 0, "--crop-padding must not be negative"),
+            (0 <= self.grad_clip <= 1e6, "--grad-clip must be in [0, 1e6] (0 turns clipping off)"),
+            (0 <= self.crop_padding <= IMAGE_SHAPE[-1],
+             f"--crop-padding must not be negative nor above {IMAGE_SHAPE[-1]} px, the size of the stored images (got {self.crop_padding})"),
             (self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)} (got {self.augment})"),
             (0 <= self.erase_prob < 1, f"--erase-prob must be in [0, 1) (got {self.erase_prob})"),
-            (not self.mixup or self.mixup_alpha > 0, f"--mixup-alpha must be positive with --mixup on (got {self.mixup_alpha}); or use --no-mixup"),
-            (not self.cutmix or self.cutmix_alpha > 0, f"--cutmix-alpha must be positive with --cutmix on (got {self.cutmix_alpha}); or use --no-cutmix"),
+            (not self.mixup or 0 < self.mixup_alpha <= 100, f"--mixup-alpha must be positive and at most 100 with --mixup on (got {self.mixup_alpha}); or use --no-mixup"),
+            (not self.cutmix or 0 < self.cutmix_alpha <= 100, f"--cutmix-alpha must be positive and at most 100 with --cutmix on (got {self.cutmix_alpha}); or use --no-cutmix"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1) (got {self.ema_decay})"),
             (self.val_size >= 1, f"--val-size must be at least 1 (got {self.val_size})"),
             (self.test_size is None or self.test_size >= 0, f"--test-size must be 0 (no test pass) or more (got {self.test_size})"),

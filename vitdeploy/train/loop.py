@@ -20,21 +20,40 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from vitdeploy import __version__
-from vitdeploy.checkpoint import FORMAT, FORMAT_VERSION, atomic_link, atomic_save, load_checkpoint
+from vitdeploy.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    atomic_link,
+    atomic_save,
+    load_checkpoint,
+)
 from vitdeploy.data import ImageSet, load_splits
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import atomic_write_text, check_output_dir
-from vitdeploy.models import build_model, get_spec, load_exact_state, load_pretrained, load_weights_file, model_from_checkpoint
+from vitdeploy.models import (
+    build_model,
+    get_spec,
+    load_exact_state,
+    load_pretrained,
+    load_weights_file,
+    model_from_checkpoint,
+)
+from vitdeploy.precision import DTYPES
 from vitdeploy.preprocess import Preprocess, Preprocessing, epoch_permutation
 from vitdeploy.train import distributed
 from vitdeploy.train.augment import Augmenter, AugmentSettings
 from vitdeploy.train.config import TrainConfig
 from vitdeploy.train.distributed import DistContext
 from vitdeploy.train.ema import WeightEMA, default_decay
-from vitdeploy.precision import DTYPES
 from vitdeploy.train.precision import choose_precision
 from vitdeploy.train.schedule import WarmupCosine, build_optimizer
 from vitdeploy.versions import device_record, versions
@@ -121,18 +140,26 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> 
     return total
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation, which is abandoned (it is redone on resume)."""
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, precision: str,
-             dist: DistContext | None = None) -> dict[str, float]:
+             dist: DistContext | None = None, stop: StopRequest | None = None) -> dict[str, float]:
     """Top-1 accuracy (fraction) and mean cross-entropy over the whole set; in a distributed
     run each rank takes a contiguous share (no padding, no image counted twice) and the sums
-    are added up across ranks."""
+    are added up across ranks. With `stop`, a signal ends it between two batches (every rank
+    at the same one) by raising EvaluationStopped: a long evaluation never delays a stop."""
     dist = dist or DistContext()
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=data.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     first, last = distributed.shard(dist, len(data))
     for start in range(first, last, batch_size):
+        if stop is not None and distributed.agree_signal(dist, stop.signum):
+            model.train()
+            raise EvaluationStopped
         x, y = data.batch(torch.arange(start, min(start + batch_size, last)))
         with autocast(data.device, precision):
             logits = model(x)
@@ -184,6 +211,7 @@ class RunPosition:
     best_val_acc: float = -1.0
     best_epoch: int = 0  # 1-based epoch the best checkpoint was written in (0: none yet)
     best_step: int = 0
+    evaluated_step: int = -1  # the step validation last ran at: a stop during it leaves it behind `step`
     train_images: int = 0
     train_seconds: float = 0.0
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # sum, count
@@ -203,7 +231,9 @@ class TrainResult:
 class _Run:
     """The state of one training process: model, optimizer, data, files."""
 
-    def __init__(self, config: TrainConfig, console: Console, resume: dict[str, Any] | None, dist: DistContext) -> None:
+    def __init__(self, config: TrainConfig, console: Console, resume: dict[str, Any] | None, dist: DistContext,
+                 stop: StopRequest) -> None:
+        self.stop = stop
         self.started = time.perf_counter()
         self.config = config
         self.console = console
@@ -428,10 +458,18 @@ class _Run:
         flush()
         return not stopped
 
+    def evaluate(self, model: torch.nn.Module, data: DeviceData) -> dict[str, float]:
+        """`evaluate` with this run's batch size, precision and ranks, stopped by a signal."""
+        return evaluate(model, data, self.eval_batch_size, self.precision, self.dist, self.stop)
+
     def evaluate_and_checkpoint(self, epoch: int) -> dict[str, Any]:
         """Validation, the epoch record and a checkpoint; at an epoch's end the position moves to the next epoch."""
         prog = self.progress
-        val = evaluate(self.eval_model, self.val_data, self.eval_batch_size, self.precision, self.dist)
+        val = self.evaluate(self.eval_model, self.val_data)
+        prog.evaluated_step = prog.step
+        if not math.isfinite(val["loss"]):  # diverged: the previous checkpoints stay as they are
+            raise VitDeployError(f"the validation loss became {val['loss']} at step {prog.step}: the weights diverged; "
+                                 f"the last good checkpoint in {self.out} is kept; lower --lr or use --precision fp32")
         complete = prog.batch == self.steps_per_epoch
         is_best = val["acc"] > prog.best_val_acc
         if is_best:
@@ -449,7 +487,7 @@ class _Run:
             "wall_seconds_this_process": time.perf_counter() - self.started,
         }
         if self.config.test_each_epoch and self.test_data is not None:  # reported, never used to choose
-            record["test_acc"] = evaluate(self.eval_model, self.test_data, self.eval_batch_size, self.precision, self.dist)["acc"]
+            record["test_acc"] = self.evaluate(self.eval_model, self.test_data)["acc"]
         self.log(record)
         if complete:
             prog.epoch, prog.batch, prog.epoch_loss = epoch + 1, 0, [0.0, 0]
@@ -462,13 +500,13 @@ class _Run:
         prog = self.progress
         final = best = raw = None
         if self.test_data is not None:
-            final = evaluate(self.eval_model, self.test_data, self.eval_batch_size, self.precision, self.dist)
+            final = self.evaluate(self.eval_model, self.test_data)
             best = final
             if prog.best_step != prog.step and (self.out / "best.pt").is_file():
                 _spec, best_model = model_from_checkpoint(load_checkpoint(self.out / "best.pt"), str(self.out / "best.pt"))
-                best = evaluate(best_model.to(self.device), self.test_data, self.eval_batch_size, self.precision, self.dist)
+                best = self.evaluate(best_model.to(self.device), self.test_data)
             if self.ema is not None:
-                raw = evaluate(self.model, self.test_data, self.eval_batch_size, self.precision, self.dist)
+                raw = self.evaluate(self.model, self.test_data)
             self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
         summary = {
             "model": self.spec.name,
@@ -628,13 +666,21 @@ def run_training(
         distributed.teardown(dist)
 
 
+def _stopped(run: _Run, stop: StopRequest, console: Console, where: str) -> TrainResult:
+    """Save a resumable checkpoint after a stop signal and say how to continue."""
+    path = run.save_checkpoint()
+    console.print(f"stopped by signal {stop.signum} at step {run.progress.step}{where}; resumable checkpoint {path} "
+                  f"(continue with: vitdeploy train --resume {path})")
+    return TrainResult(run.out, None, interrupted=stop.signum, checkpoint=path)
+
+
 def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path | None, console: Console,
            stop: StopRequest, dist: DistContext) -> TrainResult:
     wall_start = time.perf_counter()
     out = Path(config.out)
     check_out_dir(out, resuming=resume is not None)
     restart = resume is None and unfinished_run(out)
-    run = _Run(config, console, resume, dist)
+    run = _Run(config, console, resume, dist, stop)
     if dist.is_main:
         make_out_dir(out)
         clean_temporary_files(out)
@@ -660,22 +706,23 @@ def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path 
     ]
     with stop.on_signals(), Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("train", total=run.total_steps, completed=prog.step, loss=float("nan"), lr=run.schedule.lr, ips=0.0)
-        while prog.epoch < config.epochs and prog.step < run.total_steps:
+        while (prog.epoch < config.epochs and prog.step < run.total_steps) or prog.evaluated_step < prog.step:
             epoch = prog.epoch
-            if not run.train_one_epoch(epoch, stop, bar, task):
-                path = run.save_checkpoint()
-                console.print(
-                    f"stopped by signal {stop.signum} at step {prog.step}; resumable checkpoint {path} "
-                    f"(continue with: vitdeploy train --resume {path})"
-                )
-                return TrainResult(out, None, interrupted=stop.signum, checkpoint=path)
-            record = run.evaluate_and_checkpoint(epoch)
+            try:
+                if not run.train_one_epoch(epoch, stop, bar, task):
+                    return _stopped(run, stop, console, "")
+                record = run.evaluate_and_checkpoint(epoch)
+            except EvaluationStopped:  # the checkpoint resumes into this evaluation
+                return _stopped(run, stop, console, " during evaluation")
             console.print(
                 f"epoch {epoch + 1}/{config.epochs}{'' if record['complete'] else ' (partial, --max-steps)'}  "
                 f"train_loss {record['train_loss']:.4f}  val_acc {100 * record['val_acc']:.2f}%  "
                 f"val_loss {record['val_loss']:.4f}  {record['train_images_per_s'] or 0:,.0f} img/s"
             )
-    summary = run.final_report(time.perf_counter() - wall_start)
+    try:
+        summary = run.final_report(time.perf_counter() - wall_start)
+    except EvaluationStopped:  # every epoch is done: a resume goes straight to the test evaluation
+        return _stopped(run, stop, console, " during the test evaluation")
     tested = (f"test_acc final {100 * summary['final_test_acc']:.2f}% / best {100 * summary['best_test_acc']:.2f}% "
               f"on {summary['test_images']} images" if summary["test_images"] else "no test pass (--test-size 0)")
     console.print(
