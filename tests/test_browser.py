@@ -33,6 +33,7 @@ def test_page_classifies_an_upload_and_shows_where_the_model_looked(exported: Pa
             page.on("response", lambda response: failed.append(f"{response.status} {response.url}") if response.status >= 400 else None)
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('vit_cifar_tiny')")
+            assert not page.is_visible("#preview")  # no broken-image box before an upload
             page.set_input_files("#file", str(image))
             page.click("button[type=submit]")
             page.wait_for_function("document.querySelectorAll('#result tr').length === 5", timeout=30_000)
@@ -44,6 +45,7 @@ def test_page_classifies_an_upload_and_shows_where_the_model_looked(exported: Pa
                 assert abs(float(shown.rstrip("%")) - 100 * p["probability"]) <= 0.051, (shown, p)
             overlay = page.eval_on_selector("#overlay", "o => [o.naturalWidth, o.src]")
             assert overlay[0] == 224
+            assert page.is_visible("#preview")
             page.click("#toggle")  # the uploaded image, then the overlay again
             assert page.eval_on_selector("#overlay", "o => o.src") == page.eval_on_selector("#preview", "p => p.src")
             page.click("#toggle")

@@ -196,3 +196,22 @@ def test_calibration_one_batch_at_a_time_equals_one_big_batch(int8_art: Path, ci
     quantize(int8_art / "model.onnx", tmp_path / "big.onnx", "qdq-s8-symmetric", images, Int8Options(), model_px=32)
     quantize(int8_art / "model.onnx", tmp_path / "one.onnx", "qdq-s8-symmetric", images, Int8Options(), model_px=224)
     assert scales(tmp_path / "big.onnx") == scales(tmp_path / "one.onnx")
+
+
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_vnni"}])  # the rule's form for either CPU, on any CPU
+def test_an_images_int8_answer_does_not_depend_on_its_batch(exported: Path, cifar_root: Path, tmp_path: Path,
+                                                             flags: set[str]) -> None:
+    import onnxruntime as ort
+
+    from vitdeploy.data import load_test
+    from vitdeploy.export import int8 as int8q
+
+    images = load_test(cifar_root).images.numpy()
+    out = tmp_path / "int8.onnx"
+    int8q.quantize(exported / "model.onnx", out, cpu_form(flags)["form"], images[:16], Int8Options(calib_images=16))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    alone = np.concatenate([session.run(None, {name: images[i:i + 1]})[0] for i in range(8)])
+    together = session.run(None, {name: images[:8]})[0]
+    beside_white = session.run(None, {name: np.concatenate([images[:1], np.full_like(images[:7], 255)])})[0][0]
+    assert np.abs(alone - together).max() < 1e-5 and np.abs(alone[0] - beside_white).max() < 1e-5

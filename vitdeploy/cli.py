@@ -36,7 +36,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(soft_wrap=True)
+# Off a terminal (a pipe, a log file) rich would cut tables at 80 columns: there lines are as long as they need.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 _state = {"debug": False}
 
 
@@ -410,7 +411,7 @@ def _csv(text: str, flag: str, cast: type = str) -> tuple:
 def bench(
     artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
     backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
-    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8.", show_default="pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu fp32, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision")] = "",
+    precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8.", show_default="pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu every exported precision, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.", show_default="1,8,32,128, those within the exported range")] = "",
     mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,

@@ -100,7 +100,7 @@ def find_cifar_dir(data_dir: Path) -> Path:
             return candidate
     raise VitDeployError(
         f"no CIFAR-10 found in {data_dir} (looked for {data_dir / FOLDER}/data_batch_1..5 and test_batch); "
-        "pass --data-dir pointing at the folder that holds cifar-10-batches-py, or add --download"
+        "pass --data-dir pointing at the folder that holds cifar-10-batches-py (`vitdeploy train --download` fetches it)"
     )
 
 

@@ -58,6 +58,23 @@ def cuda_devices() -> list[dict[str, Any]]:
     return devices
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "neon", "asimd")
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_flags() -> set[str]:
     """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
     try:

@@ -53,9 +53,8 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
     kind = "tensorrt" if name == "trt" else "onnx"
     artifact = find_artifact(manifest, kind, precision, name)
     if artifact is None:
-        have = ", ".join(f"{a['kind']} {a['precision']}" for a in manifest["artifacts"])
-        hint = "--trt" if kind == "tensorrt" else {"fp16": "--fp16", "int8": "--int8"}.get(precision, "")
-        raise VitDeployError(f"{folder} has no {kind} {precision} artifact (it has: {have}); re-export with {hint}".rstrip())
+        raise VitDeployError(f"{folder} has no {kind} {precision} artifact (it has: {describe_artifacts(manifest)}); "
+                             f"{_missing_hint(name, kind, precision)}")
     if name == "trt":
         from vitdeploy.backends.trt import TrtBackend
 
@@ -75,6 +74,27 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
                       max_batch=manifest["batch"]["max"], trt_profiles=profiles, input_shape=manifest["input"]["shape"], **graphs)
 
 
+def describe_artifacts(manifest: dict[str, Any]) -> str:
+    """The manifest's artifacts in one line, each named so that two INT8 graphs are told apart."""
+    return ", ".join(f"{a['kind']} {a['precision']}" + (f" ({a['int8']['target']} graph)" if "int8" in a else "")
+                     + f" = {a['path']}" for a in manifest["artifacts"])
+
+
+def _missing_hint(name: str, kind: str, precision: str) -> str:
+    """What to do when the artifact `name` needs is not in the folder."""
+    if precision == "bf16":
+        return "bf16 runs only on --backend pytorch (with a GPU); the exported files are fp32, fp16 or int8"
+    if kind == "tensorrt":
+        from vitdeploy.tensorrt_runtime import import_tensorrt
+
+        try:
+            import_tensorrt()
+        except VitDeployError as exc:
+            return f"none can be built here ({exc}); use an ONNX backend such as --backend ort-cpu"
+        return "re-export with --trt"
+    return {"fp16": "re-export with --fp16", "int8": "re-export with --int8"}.get(precision, "re-export")
+
+
 def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, compile: bool, checkpoint: Path | None,
              graphs: dict[str, Any]) -> Backend:
     from vitdeploy.backends.pytorch import TorchBackend
@@ -85,6 +105,9 @@ def _pytorch(manifest: dict[str, Any], precision: str, threads: int | None, comp
     state = load_checkpoint(path)
     _spec, model = model_from_checkpoint(state, str(path))
     device = "cuda" if precision != "fp32" or torch.cuda.is_available() else "cpu"
+    if precision == "int8":
+        raise VitDeployError("the pytorch backend has no INT8 path; INT8 runs on ort-cpu, ort-trt and trt "
+                             "(--backend ort-cpu --precision int8)")
     if precision != "fp32" and not torch.cuda.is_available():
         raise VitDeployError(f"the pytorch backend in {precision} needs a CUDA GPU; use --precision fp32 here")
     if threads and device == "cpu":

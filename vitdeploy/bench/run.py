@@ -28,7 +28,15 @@ from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import read_manifest
 from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
-from vitdeploy.versions import backend_statuses, cuda_devices, device_record, versions
+from vitdeploy.versions import (
+    SIMD_FLAGS,
+    backend_statuses,
+    cpu_flags,
+    cpu_name,
+    cuda_devices,
+    device_record,
+    versions,
+)
 
 MODES = ("end-to-end", "device")
 SCHEMA = "vitdeploy-bench"
@@ -103,8 +111,8 @@ class BenchOptions:
 def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(precisions to run, reasons for the asked ones that cannot run) for backend `name`.
 
-    Without `asked`: pytorch runs fp32, plus fp16 and bf16 on a GPU; ort-cpu fp32;
-    ort-cuda every exported ONNX precision; trt every engine.
+    Without `asked`: pytorch runs fp32, plus fp16 and bf16 on a GPU; ort-cpu every exported
+    ONNX precision (INT8: the CPU graph); ort-cuda every one but INT8; trt every engine.
     """
     cuda = torch.cuda.is_available()
     if name == "pytorch":
@@ -118,7 +126,7 @@ def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) 
     if name == "ort-cuda":
         exported = [p for p in exported if p != "int8"]
     if not asked:
-        return (["fp32"] if name == "ort-cpu" and "fp32" in exported else exported), []
+        return exported, []
     fixes = {"tensorrt": "re-export with --trt", "fp16": "re-export with --fp16", "int8": "re-export with --int8"}
     reasons = []
     for p in asked:
@@ -155,6 +163,11 @@ def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[st
     return runs, skipped
 
 
+def device_mode_here(name: str) -> bool:
+    """Whether backend `name` can be timed with its inputs already on the device, on this machine."""
+    return name in ("trt", "ort-cuda", "ort-trt") or (name == "pytorch" and torch.cuda.is_available())
+
+
 def rotation(images: np.ndarray, batch_size: int, count: int = ROTATION) -> list[np.ndarray]:
     """`count` distinct consecutive batches of real images (wrapping around a small set)."""
     n = len(images)
@@ -166,8 +179,8 @@ def environment() -> dict[str, Any]:
     cuda = torch.device("cuda") if torch.cuda.is_available() else None
     return {
         "versions": versions(),
-        "cpu": {"name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                "torch_threads": torch.get_num_threads()},
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "flags": sorted(cpu_flags() & set(SIMD_FLAGS))},
         "cuda_devices": cuda_devices(),
         "gpu": device_record(cuda) if cuda is not None else None,
         "host": platform.node(),
@@ -183,6 +196,14 @@ def run_bench(options: BenchOptions, say: Say = print,
     manifest = read_manifest(options.artifacts)
     options.validate(manifest)
     runs, skipped = plan(manifest, options)
+    if options.modes == ("device",):  # refused before the parity pass, not after it with an empty table
+        hostless = [(n, p) for n, p in runs if not device_mode_here(n)]
+        skipped += [{"backend": n, "reason": f"{n} {p}: no device mode here (its inputs live on the host)"}
+                    for n, p in hostless]
+        runs = [r for r in runs if r not in hostless]
+        if not runs:
+            raise VitDeployError("--mode device times inputs already on a GPU, and no backend to bench here has a device "
+                                 "mode (ort-cpu and pytorch on the CPU run from host memory); use --mode end-to-end")
     for s in skipped:
         say(f"skipped {s['backend']}: {s['reason']}")
 

@@ -413,7 +413,7 @@ def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray,
                                ("model_int8_trt.onnx", "qdq-s8-symmetric", "tensorrt")):
         say(f"quantizing to INT8 for {'ort-cpu' if target == 'cpu' else 'trt and ort-trt'}: {form}"
             + (f" ({rule['reason']})" if target == "cpu" else " (symmetric s8 Q/DQ, as TensorRT requires)")
-            + ("" if form == "dynamic" else f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})"))
+            + f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})")
         with int8q.temporary_files_in(staging):  # ONNX Runtime's scratch files: removed with the staging folder
             record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options,
                                     model_px=model_px)

@@ -2,12 +2,14 @@
 
 No single INT8 graph serves every backend (README, "INT8"):
 
-- `cpu` (for ort-cpu): the form follows a fixed rule on the exporting CPU's instruction
-  set, recorded in the manifest: with VNNI or AMX (`avx512_vnni`, `avx_vnni`,
-  `amx_int8` in /proc/cpuinfo), dynamic quantization of MatMul/Gemm with per-channel
-  signed 8-bit weights (fastest there, no calibration); without them, static QDQ with
-  unsigned 8-bit activations, per-channel signed weights and `reduce_range` (ONNX Runtime
-  warns that U8S8 can saturate without VNNI), calibrated.
+- `cpu` (for ort-cpu): static QDQ with unsigned 8-bit activations and per-channel signed
+  8-bit weights, calibrated: fixed activation scales, so an image's answer never depends
+  on the other images in its batch (dynamic quantization computes one scale per batch at
+  run time, which under serve's batching made one client's answer depend on another's;
+  on a VNNI/AMX CPU it was no faster: docs/results/2026-12-01-int8-forms.json). Without
+  VNNI or AMX (`avx512_vnni`, `avx_vnni`, `amx_int8` in /proc/cpuinfo) the weights use
+  `reduce_range` (7 bits: ONNX Runtime warns that U8S8 can saturate without VNNI); the
+  rule and the flags are recorded in the manifest.
 - `tensorrt` (for trt and ort-trt): static QDQ with symmetric signed 8-bit activations
   and per-channel symmetric weights, no bias quantization, dedicated Q/DQ pairs, outputs
   not quantized (the options NVIDIA's Model Optimizer uses for TensorRT), calibrated; the
@@ -64,11 +66,12 @@ class Int8Options:
 
 
 def cpu_form(flags: set[str]) -> dict[str, Any]:
-    """The rule: which CPU INT8 graph this instruction set gets, and why."""
+    """The rule: which CPU INT8 graph this instruction set gets, and why (always static: batch-independent)."""
     vnni = sorted(flags & set(VNNI_FLAGS))
     if vnni:
-        return {"form": "dynamic", "reason": f"the CPU has {', '.join(vnni)}: dynamic MatMul/Gemm quantization, "
-                                             "per-channel s8 weights", "cpu_int8_flags": vnni}
+        return {"form": "qdq-u8-vnni", "reason": f"the CPU has {', '.join(vnni)}: static QDQ, u8 activations, per-channel "
+                                                 "s8 weights (fixed scales: answers do not depend on the batch)",
+                "cpu_int8_flags": vnni}
     return {"form": "qdq-u8", "reason": "the CPU has no VNNI/AMX: static QDQ, u8 activations, per-channel s8 weights, "
                                         "reduce_range (U8S8 can saturate without VNNI)", "cpu_int8_flags": []}
 
@@ -148,7 +151,7 @@ def _method(name: str) -> Any:
 
 def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, options: Int8Options,
              input_name: str = "input", model_px: int = 32) -> dict[str, Any]:
-    """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-s8-symmetric') for `source`; returns
+    """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-u8-vnni', 'qdq-s8-symmetric') for `source`; returns
     what the manifest records (form, quantized and float nodes, calibration, peak memory)."""
     from onnxruntime.quantization import (
         QuantFormat,
@@ -183,7 +186,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
              "DedicatedQDQPair": symmetric, "AddQDQPairToWeight": False}
     quantize_static(model, str(out), _Reader(input_name, images, chunk), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=True,
-                    reduce_range=not symmetric,
+                    reduce_range=form == "qdq-u8",  # 7-bit weights where U8S8 could saturate (no VNNI)
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=_method(options.calib_method), extra_options=extra)
     peak = _peak_rss_kib()

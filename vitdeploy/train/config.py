@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from vitdeploy.data import IMAGE_SHAPE
@@ -122,6 +123,8 @@ class TrainConfig:
         name, chosen = spec.recipe_for(recipe or "auto", options.get("epochs"))
         defaults = {**chosen.to_dict(), "recipe": name, "pretrained": bool(spec.pretrained) and not options.get("weights")}
         values = {k: v for k, v in options.items() if v is not None}
+        if "data_dir" in values:  # absolute: export, bench and resume read config.json from anywhere
+            values["data_dir"] = str(Path(values["data_dir"]).absolute())
         return cls(model=model, **{**defaults, **values})
 
     def to_dict(self) -> dict[str, Any]:

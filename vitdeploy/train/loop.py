@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -140,6 +141,10 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> 
     return total
 
 
+# The interval of progress lines when the output is not a terminal (VITDEPLOY_PROGRESS_LINE_S overrides).
+PROGRESS_LINE_S = float(os.environ.get("VITDEPLOY_PROGRESS_LINE_S", "30"))
+
+
 class EvaluationStopped(Exception):
     """A stop signal arrived during an evaluation, which is abandoned (it is redone on resume)."""
 
@@ -237,6 +242,7 @@ class _Run:
         self.started = time.perf_counter()
         self.config = config
         self.console = console
+        self.last_line = time.perf_counter()  # of the progress lines printed when not on a terminal
         self.dist = dist
         self.spec = get_spec(config.model)
         self.out = Path(config.out)
@@ -406,6 +412,21 @@ class _Run:
         self.progress.window_loss = [0.0, 0]
         return record
 
+    def _progress_line(self, record: dict[str, Any]) -> None:
+        """Off a terminal (nohup, a log file, CI) the live bar is off: a line at most every PROGRESS_LINE_S
+        seconds instead, with position, loss, rate and time left."""
+        now = time.perf_counter()
+        if self.console.is_terminal or now - self.last_line < PROGRESS_LINE_S:
+            return
+        self.last_line = now
+        prog = self.progress
+        rate = prog.train_images / prog.train_seconds if prog.train_seconds else 0.0
+        left = (self.total_steps - prog.step) * self.config.batch_size / rate if rate else None
+        eta = "?" if left is None else time.strftime("%H:%M:%S", time.gmtime(left))
+        self.console.print(f"step {prog.step}/{self.total_steps} ({100 * prog.step / self.total_steps:.0f}%)  "
+                           f"epoch {record['epoch']}  loss {record['loss']:.4f}  {rate:,.0f} img/s  "
+                           f"training left ~{eta} (evaluations not included)")
+
     def train_one_epoch(self, epoch: int, stop: StopRequest, bar: Progress, task: Any) -> bool:
         """Train from the saved position to the end of `epoch` (or --max-steps); False if stopped."""
         cfg, prog = self.config, self.progress
@@ -452,6 +473,7 @@ class _Run:
                 flush()
                 record = self._log_window(epoch, window["images"], window["seconds"])
                 bar.update(task, completed=prog.step, loss=record["loss"], lr=record["lr"], ips=record["train_images_per_s"] or 0.0)
+                self._progress_line(record)
                 window["images"], window["seconds"] = 0, 0.0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,0 +1,74 @@
+"""A new user's first hour (issue 20): help that shows defaults, output that is not cut when piped,
+progress lines in logs, refusals that say what to do, the machine named in bench.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_hardening import one_error_line
+
+
+@pytest.mark.parametrize(("command", "option", "default"), [
+    ("train", "--model", "vit_b_16"),
+    ("export", "--data-dir", "the one the export used"),
+    ("bench", "--precision", "pytorch fp32"),
+])
+def test_help_shows_the_defaults(command: str, option: str, default: str) -> None:
+    result = run_cli(command, "--help", env={"COLUMNS": "250"})
+    assert result.returncode == 0
+    line = next(line for line in result.stdout.splitlines() if f" {option} " in line)
+    assert "[default:" in line, line
+    assert default.split()[0] in result.stdout.split(f" {option} ", 1)[1][:600], result.stdout
+
+
+def test_piped_output_is_not_cut_at_80_columns() -> None:
+    result = run_cli("models")  # stdout is a pipe here
+    assert result.returncode == 0
+    assert "vit_cifar_tiny" in result.stdout and "vit_cifar_small" in result.stdout and "…" not in result.stdout
+
+
+def test_training_prints_progress_lines_when_not_on_a_terminal(cifar_root: Path, tmp_path: Path) -> None:
+    result = run_cli("train", "--model", "vit_cifar_tiny", "--data-dir", str(cifar_root), "--out", str(tmp_path / "run"),
+                     "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--max-steps", "6", "--log-every", "2",
+                     "--val-size", "40", "--test-size", "10", env={"VITDEPLOY_PROGRESS_LINE_S": "0"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], result.stdout
+    assert all("img/s" in line and "training left" in line for line in lines)
+
+
+def test_config_records_an_absolute_data_dir(trained: Path) -> None:
+    assert Path(json.loads((trained / "config.json").read_text())["data_dir"]).is_absolute()
+
+
+def test_device_mode_on_a_cpu_is_refused_before_any_work(exported: Path, tmp_path: Path) -> None:
+    line = one_error_line(run_cli("bench", str(exported), "--backend", "ort-cpu", "--mode", "device", "--out",
+                                  str(tmp_path / "b")))
+    assert "--mode device" in line and "--mode end-to-end" in line
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--precision", "bf16"], "bf16 runs only on --backend pytorch"),
+    (["--backend", "pytorch", "--precision", "int8"], "the pytorch backend has no INT8 path"),
+])
+def test_predict_refusals_say_what_to_do(exported: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(tmp_path / "x.png")
+    line = one_error_line(run_cli("predict", str(exported), str(tmp_path / "x.png"), *args))
+    assert message in line and not line.endswith("with")
+
+
+def test_bench_all_covers_every_exported_precision_and_names_the_cpu(exported: Path, tmp_path: Path) -> None:
+    result = run_cli("bench", str(exported), "--backend", "all", "--limit", "8", "--batch-sizes", "1", "--min-iters", "2",
+                     "--max-seconds", "0.2", "--mode", "end-to-end", "--out", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert {(r["backend"], r["precision"]) for r in report["records"]} >= {("ort-cpu", "fp32"), ("ort-cpu", "fp16")}
+    cpu = report["environment"]["cpu"]
+    assert cpu["name"] not in ("x86_64", "") and isinstance(cpu["flags"], list)
