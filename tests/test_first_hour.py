@@ -66,9 +66,30 @@ def test_predict_refusals_say_what_to_do(exported: Path, tmp_path: Path, args: l
 
 def test_bench_all_covers_every_exported_precision_and_names_the_cpu(exported: Path, tmp_path: Path) -> None:
     result = run_cli("bench", str(exported), "--backend", "all", "--limit", "8", "--batch-sizes", "1", "--min-iters", "2",
-                     "--max-seconds", "0.2", "--mode", "end-to-end", "--out", str(tmp_path / "b"))
+                     "--max-seconds", "0.2", "--mode", "end-to-end", "--out", str(tmp_path / "b"),
+                     env={"VITDEPLOY_PROGRESS_LINE_S": "0"})
     assert result.returncode == 0, result.stderr
+    assert "ort-cpu fp16 parity: 7/8 images" in result.stdout and "left" in result.stdout  # progress of the passes
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert {(r["backend"], r["precision"]) for r in report["records"]} >= {("ort-cpu", "fp32"), ("ort-cpu", "fp16")}
     cpu = report["environment"]["cpu"]
     assert cpu["name"] not in ("x86_64", "") and isinstance(cpu["flags"], list)
+
+
+def test_export_writes_beside_the_run_without_out_and_predict_says_what_ran(trained: Path, cifar_root: Path,
+                                                                           tmp_path: Path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    result = run_cli("export", str(run), "--data-dir", str(cifar_root), "--parity-images", "8", "--max-batch", "8")
+    assert result.returncode == 0, result.stderr
+    assert (run / "export" / "manifest.json").is_file() and f"writing the export to {run / 'export'}" in result.stdout
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(tmp_path / "x.png")
+    shown = run_cli("predict", str(run / "export"), str(tmp_path / "x.png"))
+    assert shown.returncode == 0 and "ort-cpu fp32 (model.onnx): 1 image(s) in" in shown.stdout, shown.stdout
+    record = json.loads(run_cli("predict", str(run / "export"), str(tmp_path / "x.png"), "--json").stdout)[0]
+    assert (record["backend"], record["precision"], record["model_file"]) == ("ort-cpu", "fp32", "model.onnx")
+    assert record["inference_ms_all_images"] > 0

@@ -337,7 +337,7 @@ class BackendName(str, Enum):
 @app.command()
 def export(
     source: Annotated[Path, typer.Argument(help="A run folder (its best.pt) or a checkpoint file.")],
-    out: Annotated[Path, typer.Option(help="Artifact folder to write (manifest.json and the models).")],
+    out: Annotated[Optional[Path], typer.Option(help="Artifact folder to write (manifest.json and the models).", show_default="SOURCE/export for a run folder, export/ beside a checkpoint file")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
     trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing).", show_default="with --fp16, when possible")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
@@ -363,6 +363,9 @@ def export(
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
     from vitdeploy.export.int8 import Int8Options
 
+    if out is None:
+        out = (source if source.is_dir() else source.parent) / "export"
+        console.print(f"writing the export to {out} (--out chooses another folder)")
     options = ExportOptions(
         source=source, out=out, fp16=fp16, fp16_policy=fp16_policy.value, trt=trt,
         int8=int8, int8_options=Int8Options(calib_images, calib_method.value, tuple(int8_exclude or ())),
@@ -498,12 +501,19 @@ def predict(
     batch = np.stack([load_image_file(path, size) for path in images])
     chosen = "fp32" if precision is InferencePrecision.auto else precision.value
     with open_backend(artifacts, manifest, backend.value, chosen) as runner:
+        start = time.perf_counter()
         logits = run_batches(runner, model_input(manifest, batch, backend.value), manifest["batch"]["max"])
-    results = [{"image": str(path), "predictions": top_k_predictions(row, classes, top_k)}
+        seconds = time.perf_counter() - start
+        model_file = runner.describe()["model"]
+    ran = {"backend": backend.value, "precision": chosen, "model_file": model_file,
+           "inference_ms_all_images": round(1000 * seconds, 3)}
+    results = [{"image": str(path), **ran, "predictions": top_k_predictions(row, classes, top_k)}
                for path, row in zip(images, logits, strict=True)]
     if as_json:
         print(json.dumps(results, indent=2))
         return
+    console.print(f"{backend.value} {chosen} ({escape(str(model_file))}): {len(images)} image(s) in "
+                  f"{1000 * seconds:.1f} ms (inference only; the first call includes warm-up)")
     for result in results:
         tops = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
         console.print(f"{escape(result['image'])}: {tops}")

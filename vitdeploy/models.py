@@ -281,7 +281,8 @@ def load_pretrained(model: torch.nn.Module, spec: ModelSpec, tag: str | None = N
         except Exception as exc:  # urllib raises URLError / OSError / HTTPError
             raise VitDeployError(
                 f"no cached {tag} weights for {spec.name}: expected {path.name} in {path.parent} "
-                f"and downloading {url} failed ({exc}); copy that file there, or pass --weights FILE"
+                f"and downloading {url} failed ({exc}); copy that file there, pass --weights FILE, or train from "
+                "scratch with --no-pretrained (offline, the small vit_cifar_tiny and vit_cifar_small need no weights)"
             ) from exc
     return apply_state_dict(model, safe_load(path, "weights file"), spec, f"{path} ({tag})")
 

@@ -108,6 +108,7 @@ class TorchBackend(Backend):
         if self.cuda_graph:
             graph = "torch.compile mode=reduce-overhead" if self.compile else self.graphs.describe()
         return {"name": self.name, "device": str(self.device), "precision": self.precision, "torch": torch.__version__,
+                "model": "the training checkpoint (PyTorch)",
                 "compiled": self.compile, "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                 "cuda_graph": graph}
 

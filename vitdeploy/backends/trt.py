@@ -141,6 +141,7 @@ class TrtBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "device": self.record.get("gpu"), "precision": self.record.get("precision"),
+                "model": self.engine_path.name,
                 "tensorrt": self.record.get("tensorrt_version"), "profiles": self.profiles,
                 "last_profile": self.last_profile, "cuda_graph": self.graphs.describe() if self.graphs else False}
 

@@ -222,7 +222,7 @@ def run_bench(options: BenchOptions, say: Say = print,
                             checkpoint=options.checkpoint, cuda_graph=graphs, say=say)
 
     with open_("pytorch", "fp32", compile=False) as reference:  # the reference is always eager fp32, without graphs
-        ref_logits = run_batches(reference, images, eval_batch)
+        ref_logits = run_batches(reference, images, eval_batch, say, "reference pytorch fp32:")
 
     records: list[dict[str, Any]] = []
     parity: list[dict[str, Any]] = []
@@ -253,7 +253,7 @@ def run_bench(options: BenchOptions, say: Say = print,
             if (name, precision) == ("pytorch", "fp32") and not options.compile and not options.cuda_graph:
                 logits = ref_logits  # it is the reference
             else:
-                logits = run_batches(backend, model_input(manifest, images, name), eval_batch)
+                logits = run_batches(backend, model_input(manifest, images, name), eval_batch, say, f"{name} {precision} parity:")
             metrics = compare(ref_logits, logits, labels, options.tolerance(precision))
             parity.append({"backend": name, "precision": precision, **metrics})
             say(f"{name} {precision}: {describe(metrics)}")

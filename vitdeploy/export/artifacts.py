@@ -269,7 +269,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
             f"of {ckpt_path}")
         say(f"reference: PyTorch fp32 on {n} test images from {data_dir}")
         with TorchBackend(model, preprocessing) as reference:
-            ref_logits = run_batches(reference, images, options.max_batch)
+            ref_logits = run_batches(reference, images, options.max_batch, say, "reference:")
 
         ckpt_hash = sha256_file(ckpt_path)
         metadata = {
@@ -290,7 +290,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
             onnx_export.check_onnx(path)
             inputs, outputs = onnx_export.io_records(path)
             with OrtBackend(path, "cpu", precision=precision) as backend:
-                logits = run_batches(backend, feed, options.max_batch)
+                logits = run_batches(backend, feed, options.max_batch, say, f"{name} parity:")
             metrics = parity.compare(ref_logits, logits, labels, options.tolerance(precision))
             say(f"{name} (ONNX Runtime CPU vs PyTorch fp32): {parity.describe(metrics)}")
             if not metrics["passed"]:

@@ -120,7 +120,10 @@ class TrainConfig:
         `recipe` (auto, short, long; see `vitdeploy models`) supplies every training knob the
         user does not set; config.json records the recipe chosen and every resolved value."""
         spec = get_spec(model)
-        name, chosen = spec.recipe_for(recipe or "auto", options.get("epochs"))
+        epochs = options.get("epochs")
+        if epochs is None and options.get("max_steps") and (recipe or "auto") == "auto":
+            epochs = 1  # a few steps are a quick run: the short recipe, not the model's 100-epoch default
+        name, chosen = spec.recipe_for(recipe or "auto", epochs)
         defaults = {**chosen.to_dict(), "recipe": name, "pretrained": bool(spec.pretrained) and not options.get("weights")}
         values = {k: v for k, v in options.items() if v is not None}
         if "data_dir" in values:  # absolute: export, bench and resume read config.json from anywhere

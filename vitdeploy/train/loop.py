@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -50,6 +49,7 @@ from vitdeploy.models import (
 )
 from vitdeploy.precision import DTYPES
 from vitdeploy.preprocess import Preprocess, Preprocessing, epoch_permutation
+from vitdeploy.progress import Ticker, eta
 from vitdeploy.train import distributed
 from vitdeploy.train.augment import Augmenter, AugmentSettings
 from vitdeploy.train.config import TrainConfig
@@ -139,10 +139,6 @@ def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> 
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     return total
-
-
-# The interval of progress lines when the output is not a terminal (VITDEPLOY_PROGRESS_LINE_S overrides).
-PROGRESS_LINE_S = float(os.environ.get("VITDEPLOY_PROGRESS_LINE_S", "30"))
 
 
 class EvaluationStopped(Exception):
@@ -242,7 +238,7 @@ class _Run:
         self.started = time.perf_counter()
         self.config = config
         self.console = console
-        self.last_line = time.perf_counter()  # of the progress lines printed when not on a terminal
+        self.ticker = Ticker()  # progress lines when not on a terminal
         self.dist = dist
         self.spec = get_spec(config.model)
         self.out = Path(config.out)
@@ -413,19 +409,16 @@ class _Run:
         return record
 
     def _progress_line(self, record: dict[str, Any]) -> None:
-        """Off a terminal (nohup, a log file, CI) the live bar is off: a line at most every PROGRESS_LINE_S
-        seconds instead, with position, loss, rate and time left."""
-        now = time.perf_counter()
-        if self.console.is_terminal or now - self.last_line < PROGRESS_LINE_S:
+        """Off a terminal (nohup, a log file, CI) the live bar is off: a line at most every
+        `progress.LINE_S` seconds instead, with position, loss, rate and time left."""
+        if self.console.is_terminal or not self.ticker.due():
             return
-        self.last_line = now
         prog = self.progress
         rate = prog.train_images / prog.train_seconds if prog.train_seconds else 0.0
         left = (self.total_steps - prog.step) * self.config.batch_size / rate if rate else None
-        eta = "?" if left is None else time.strftime("%H:%M:%S", time.gmtime(left))
         self.console.print(f"step {prog.step}/{self.total_steps} ({100 * prog.step / self.total_steps:.0f}%)  "
                            f"epoch {record['epoch']}  loss {record['loss']:.4f}  {rate:,.0f} img/s  "
-                           f"training left ~{eta} (evaluations not included)")
+                           f"training left ~{eta(left)} (evaluations not included)")
 
     def train_one_epoch(self, epoch: int, stop: StopRequest, bar: Progress, task: Any) -> bool:
         """Train from the saved position to the end of `epoch` (or --max-steps); False if stopped."""
@@ -745,7 +738,8 @@ def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path 
         summary = run.final_report(time.perf_counter() - wall_start)
     except EvaluationStopped:  # every epoch is done: a resume goes straight to the test evaluation
         return _stopped(run, stop, console, " during the test evaluation")
-    tested = (f"test_acc final {100 * summary['final_test_acc']:.2f}% / best {100 * summary['best_test_acc']:.2f}% "
+    tested = (f"test_acc final {100 * summary['final_test_acc']:.2f}% / of best.pt (chosen on validation) "
+              f"{100 * summary['best_test_acc']:.2f}% "
               f"on {summary['test_images']} images" if summary["test_images"] else "no test pass (--test-size 0)")
     console.print(
         f"done: best val_acc {100 * summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}) on {summary['val_images']} images, "
