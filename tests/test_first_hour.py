@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import needs_serve, run_cli
 from tests.test_hardening import one_error_line
 
 
@@ -20,9 +20,8 @@ from tests.test_hardening import one_error_line
 def test_help_shows_the_defaults(command: str, option: str, default: str) -> None:
     result = run_cli(command, "--help", env={"COLUMNS": "250"})
     assert result.returncode == 0
-    line = next(line for line in result.stdout.splitlines() if f" {option} " in line)
-    assert "[default:" in line, line
-    assert default.split()[0] in result.stdout.split(f" {option} ", 1)[1][:600], result.stdout
+    row = result.stdout.split(f" {option} ", 1)[1].split("\n│ --", 1)[0]  # the option's row, wrapped lines included
+    assert "[default:" in row and default.split()[0] in row, row
 
 
 def test_piped_output_is_not_cut_at_80_columns() -> None:
@@ -93,3 +92,55 @@ def test_export_writes_beside_the_run_without_out_and_predict_says_what_ran(trai
     record = json.loads(run_cli("predict", str(run / "export"), str(tmp_path / "x.png"), "--json").stdout)[0]
     assert (record["backend"], record["precision"], record["model_file"]) == ("ort-cpu", "fp32", "model.onnx")
     assert record["inference_ms_all_images"] > 0
+
+
+@needs_serve
+def test_loadtest_sweeps_concurrency_against_a_real_server(exported: Path, cifar_root: Path, tmp_path: Path) -> None:
+    from tests.test_serve import Server
+
+    server = Server(exported, "--max-batch", "8")
+    try:
+        result = run_cli("loadtest", server.url, "--data-dir", str(cifar_root), "--limit", "20", "--concurrency", "1,4",
+                         "--requests", "40", "--out", str(tmp_path / "lt"))
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        server.stop()
+    report = json.loads((tmp_path / "lt" / "loadtest.json").read_text())
+    assert [level["concurrency"] for level in report["levels"]] == [1, 4]
+    assert all(level["ok"] == 40 and level["requests_per_s"] > 0 and level["latency_ms_p50"] > 0 for level in report["levels"])
+    assert (tmp_path / "lt" / "loadtest.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["server"]["model"] == "vit_cifar_tiny"
+
+
+def test_loadtest_without_a_server_is_one_line(cifar_root: Path, tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    line = one_error_line(run_cli("loadtest", f"http://127.0.0.1:{free_port()}", "--data-dir", str(cifar_root),
+                                  "--out", str(tmp_path / "lt")))
+    assert "no vitdeploy server answers" in line and "vitdeploy serve" in line
+
+
+def test_debug_works_after_the_command_name(exported: Path, tmp_path: Path) -> None:
+    result = run_cli("predict", str(exported), str(tmp_path / "missing.png"), "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "error: image" in result.stderr
+
+
+def test_help_names_choices_and_hides_bool_metavars() -> None:
+    result = run_cli("explain", "--help", env={"COLUMNS": "250"})
+    assert "[rollout|grad-rollout]" in result.stdout and "[mean|max]" in result.stdout
+    rows = run_cli("export", "--help", env={"COLUMNS": "250"}).stdout.splitlines()
+    assert not [row for row in rows if "<bool>" in row and "Show this message" not in row]  # typer's own --help aside
+
+
+def test_an_explained_class_that_is_not_the_top1_names_the_top1(trained: Path, cifar_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from vitdeploy.data import load_test
+
+    Image.fromarray(load_test(cifar_root).images[0].numpy().transpose(1, 2, 0)).save(tmp_path / "x.png")
+    plain = run_cli("explain", str(trained), str(tmp_path / "x.png"), "--out", str(tmp_path / "a"))
+    assert plain.returncode == 0 and "top-1:" not in plain.stdout
+    top1 = json.loads((tmp_path / "a" / "x.json").read_text())["predictions"][0]["class_index"]
+    other = (top1 + 1) % 10
+    result = run_cli("explain", str(trained), str(tmp_path / "x.png"), "--out", str(tmp_path / "b"), "--class", str(other))
+    assert result.returncode == 0 and "(top-1: " in result.stdout, result.stdout

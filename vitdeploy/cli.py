@@ -92,14 +92,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of errors.")] = False,
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show the full traceback of errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     _state["debug"] = debug
 
 
 @app.command()
-def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+def info(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of tables.")] = False) -> None:
     """Versions, CUDA devices, ONNX Runtime providers, and which backends can run here."""
     from vitdeploy.versions import backend_statuses, cuda_devices, versions
 
@@ -134,7 +134,7 @@ def _ort_providers() -> list[str]:
 
 
 @app.command()
-def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+def models(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False) -> None:
     """The model registry: parameters, input size, GFLOPs per image, weights, training recipe.
 
     GFLOPs count one forward pass of one image, a multiply-add being 2 FLOPs (matmuls and
@@ -179,7 +179,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inst
 def train(
     model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`.", show_default="vit_b_16")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself).", show_default="data")] = None,
-    download: Annotated[Optional[bool], typer.Option("--download", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
+    download: Annotated[Optional[bool], typer.Option("--download", metavar="", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics.", show_default="runs/MODEL-TIME; with --resume, the checkpoint's run")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="the model's recipe")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size per optimizer step.", show_default="the model's recipe")] = None,
@@ -194,22 +194,22 @@ def train(
     crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop augmentation: zero padding in px, 0 = no crops (flips stay on).", show_default="the recipe's")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Per-sample augmentation policy: none or trivial (TrivialAugmentWide).", show_default="the recipe's")] = None,
     erase_prob: Annotated[Optional[float], typer.Option(help="Probability of random erasing per image, 0 = off.", show_default="the recipe's")] = None,
-    mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup", help="Mixup with a fixed partner per sample.", show_default="the recipe's")] = None,
+    mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup", metavar="", help="Mixup with a fixed partner per sample.", show_default="the recipe's")] = None,
     mixup_alpha: Annotated[Optional[float], typer.Option(help="Mixup weight ~ Beta(alpha, alpha).", show_default="0.8")] = None,
-    cutmix: Annotated[Optional[bool], typer.Option("--cutmix/--no-cutmix", help="Cutmix (half of the samples each when mixup is on too).", show_default="the recipe's")] = None,
+    cutmix: Annotated[Optional[bool], typer.Option("--cutmix/--no-cutmix", metavar="", help="Cutmix (half of the samples each when mixup is on too).", show_default="the recipe's")] = None,
     cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha).", show_default="1.0")] = None,
-    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported.", show_default="the recipe's")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", metavar="", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported.", show_default="the recipe's")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1).", show_default="tied to the run's length, 1 - 10/steps")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint.", show_default="5000")] = None,
     test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass.", show_default="all 10,000")] = None,
-    test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
+    test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", metavar="", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (quick runs).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init.", show_default="0")] = None,
     device: Annotated[Optional[Device], typer.Option(help="Where to train.", show_default="auto")] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU.", show_default="auto")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model.")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online).", show_default="yes where the model has them")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", metavar="", help="torch.compile the model.")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", metavar="", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online).", show_default="yes where the model has them")] = None,
     pretrained_weights: Annotated[Optional[str], typer.Option(help="Which ImageNet weights (see `vitdeploy models`).", show_default="the first listed")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict or vitdeploy checkpoint.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from a checkpoint file or run folder (its last.pt).")] = None,
@@ -300,7 +300,7 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 
 @app.command("bench-train")
 def bench_train(
-    model: Annotated[list[str], typer.Option(help="Model name from `vitdeploy models`; repeat for several.")] = ["vit_b_16"],  # noqa: B006 - Typer default
+    model: Annotated[list[str], typer.Option(metavar="NAME", help="Model name from `vitdeploy models`; repeat for several.")] = ["vit_b_16"],  # noqa: B006 - Typer default
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size per step.", show_default="each model's recipe")] = None,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Untimed steps first (allocation, autotuning, compilation).")] = 5,
@@ -308,7 +308,7 @@ def bench_train(
     data_dir: Annotated[Path, typer.Option(help="Folder holding cifar-10-batches-py (for --source real/both).")] = Path("data"),
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="Arithmetic, as for train.")] = Precision.auto,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the model.")] = False,
     recipe: Annotated[str, typer.Option(help="Whose augmentation the real data goes through (and default batch): auto (each model's default recipe), short or long.")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the records to this JSON file (rewritten after each measurement).")] = None,
 ) -> None:
@@ -336,28 +336,28 @@ class BackendName(str, Enum):
 
 @app.command()
 def export(
-    source: Annotated[Path, typer.Argument(help="A run folder (its best.pt) or a checkpoint file.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A run folder (its best.pt) or a checkpoint file.")],
     out: Annotated[Optional[Path], typer.Option(help="Artifact folder to write (manifest.json and the models).", show_default="SOURCE/export for a run folder, export/ beside a checkpoint file")] = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
-    trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing).", show_default="with --fp16, when possible")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", metavar="", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
+    trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", metavar="", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing).", show_default="with --fp16, when possible")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
     fp16_policy: Annotated[FP16Policy, typer.Option(help="fp16 graph: matmul (MatMul/Gemm/Conv in fp16, the rest fp32) or activations (all activations fp16, LayerNorm statistics and logits fp32).")] = FP16Policy.matmul,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write INT8 graphs: one for ort-cpu (form chosen by this CPU's instruction set) and one for TensorRT (symmetric Q/DQ), each gated on accuracy.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", metavar="", help="Also write INT8 graphs: one for ort-cpu (form chosen by this CPU's instruction set) and one for TensorRT (symmetric Q/DQ), each gated on accuracy.")] = False,
     calib_images: Annotated[int, typer.Option(help="Training images (outside the validation split) that calibrate INT8.")] = 512,
     calib_method: Annotated[CalibMethod, typer.Option(help="INT8 calibration: ONNX Runtime's minmax, entropy or percentile calibrator.")] = CalibMethod.minmax,
-    int8_exclude: Annotated[Optional[list[str]], typer.Option(help="ONNX node name to keep float in INT8 (repeatable).", show_default="the classification head")] = None,
+    int8_exclude: Annotated[Optional[list[str]], typer.Option(metavar="NODE", help="ONNX node name to keep float in INT8 (repeatable).", show_default="the classification head")] = None,
     int8_max_accuracy_drop: Annotated[float, typer.Option(help="Largest INT8 accuracy loss against PyTorch fp32, percentage points.")] = 1.0,
-    trt_profile: Annotated[Optional[list[str]], typer.Option(help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch.", show_default="1:1:1 and 2:min(32,max):max")] = None,
-    preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
+    trt_profile: Annotated[Optional[list[str]], typer.Option(metavar="MIN:OPT:MAX", help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch.", show_default="1:1:1 and 2:min(32,max):max")] = None,
+    preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", metavar="", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N).", show_default="the full test set")] = 10_000,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py.", show_default="the run's")] = None,
     triton: Annotated[Optional[Path], typer.Option(help="Also lay out a Triton model repository here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the contents of a non-empty --out.")] = False,
     workspace_gb: Annotated[float, typer.Option(help="TensorRT builder workspace limit, GiB.")] = 4.0,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, reused across builds.", show_default="~/.cache/vitdeploy/tensorrt-timing.cache")] = None,
-    hardware_compatible: Annotated[bool, typer.Option("--hardware-compatible", help="TensorRT engine that runs on any Ampere or newer GPU (slower).")] = False,
-    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="TensorRT engine that later TensorRT versions can run.")] = False,
+    hardware_compatible: Annotated[bool, typer.Option("--hardware-compatible", metavar="", help="TensorRT engine that runs on any Ampere or newer GPU (slower).")] = False,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", metavar="", help="TensorRT engine that later TensorRT versions can run.")] = False,
 ) -> None:
     """Export a trained model: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
@@ -412,11 +412,11 @@ def _csv(text: str, flag: str, cast: type = str) -> tuple:
 
 @app.command()
 def bench(
-    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
-    backend: Annotated[str, typer.Option(help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
+    artifacts: Annotated[Path, typer.Argument(metavar="ARTIFACTS", help="Artifact folder written by `vitdeploy export`.")],
+    backend: Annotated[str, typer.Option(metavar="[all|pytorch,ort-cpu,ort-cuda,ort-trt,trt]", help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
     precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8.", show_default="pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu every exported precision, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.", show_default="1,8,32,128, those within the exported range")] = "",
-    mode: Annotated[str, typer.Option(help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
+    mode: Annotated[str, typer.Option(metavar="[end-to-end|device|both]", help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,
     min_iters: Annotated[int, typer.Option(help="Timed iterations per configuration, at least.")] = 20,
     min_seconds: Annotated[float, typer.Option(help="Timed seconds per configuration, at least.")] = 1.0,
@@ -424,13 +424,13 @@ def bench(
     limit: Annotated[Optional[int], typer.Option(help="Accuracy and parity on the first N test images.", show_default="all 10,000")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py.", show_default="the one the export used")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu (intra-op) and pytorch on the CPU.", show_default="each runtime's own")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the pytorch backend.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the pytorch backend.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend and reference).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for bench.json, bench.csv, bench.png.", show_default="the artifact folder")] = None,
     max_abs_diff: Annotated[Optional[float], typer.Option(help="Largest allowed |logit - reference|.", show_default="1e-3 for fp32, not enforced for fp16/bf16")] = None,
     tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this.", show_default="2e-3 fp32, 0.5 fp16, 1.0 bf16")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points.", show_default="0 fp32, 0.1 fp16, 0.3 bf16")] = None,
-    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs (one per timed batch size) on the GPU backends trt, ort-cuda and pytorch; each graph is checked against the run without it first.")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help="Replay CUDA graphs (one per timed batch size) on the GPU backends trt, ort-cuda and pytorch; each graph is checked against the run without it first.")] = False,
 ) -> None:
     """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
     from vitdeploy.bench.report import write_reports
@@ -451,12 +451,17 @@ def bench(
                        progress=lambda partial: write_reports(partial, folder, plot=False))
     paths = write_reports(report, folder)
     gpu = report["environment"]["gpu"]
-    table = Table("backend", "precision", "mode", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "images/s", "iters",
-                  title=f"{report['model']} on {gpu['name'] if gpu else 'CPU'}")
+    table = Table("backend", "precision", "mode", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "x pytorch fp32",
+                  "iters", "file", "MB", "load s", "peak RSS MB",
+                  title=f"{report['model']} on {gpu['name'] if gpu else report['environment']['cpu']['name']}")
     for r in report["records"]:
+        speedup = r["speedup_vs_pytorch_fp32"]
         table.add_row(r["backend"], r["precision"], r["mode"], str(r["batch_size"]), f"{r['latency_ms_p50']:.3f}",
-                      f"{r['latency_ms_p90']:.3f}", f"{r['latency_ms_p99']:.3f}", f"{r['latency_ms_mean']:.3f}",
-                      f"{r['images_per_s']:,.1f}", f"{r['iterations']}{'*' if r['capped_by_max_seconds'] else ''}")
+                      f"{r['latency_ms_p90']:.3f}", f"{r['latency_ms_p99']:.3f}", f"{r['images_per_s']:,.1f}",
+                      "-" if speedup is None else f"{speedup:.2f}x",
+                      f"{r['iterations']}{'*' if r['capped_by_max_seconds'] else ''}", escape(str(r["artifact"])),
+                      "-" if r["artifact_mb"] is None else f"{r['artifact_mb']:,.1f}", f"{r['load_s']:.2f}",
+                      "-" if r["process_peak_rss_mib"] is None else f"{r['process_peak_rss_mib']:,.0f}")
     console.print(table)
     if any(r["capped_by_max_seconds"] for r in report["records"]):
         console.print("* stopped by --max-seconds before --min-iters/--min-seconds were met")
@@ -477,12 +482,12 @@ def bench(
 
 @app.command()
 def predict(
-    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...), any size.")],
+    artifacts: Annotated[Path, typer.Argument(metavar="ARTIFACTS", help="Artifact folder written by `vitdeploy export`.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files (PNG, JPEG, WebP, ...), any size.")],
     backend: Annotated[BackendName, typer.Option(help="Which runtime to use.")] = BackendName.ort_cpu,
     precision: Annotated[InferencePrecision, typer.Option(help="Which artifact: fp32, fp16 or int8 (auto: fp32).")] = InferencePrecision.auto,
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
 ) -> None:
     """Top-k classes for image files through any backend, fed exactly as the manifest says."""
     import numpy as np
@@ -521,11 +526,11 @@ def predict(
 
 @app.command()
 def explain(
-    source: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export`, a run folder or a checkpoint file.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, WebP, ...), any size.")],
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Artifact folder written by `vitdeploy export`, a run folder or a checkpoint file.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files (PNG, JPEG, WebP, ...), any size.")],
     out: Annotated[Path, typer.Option(help="Folder for NAME.png (image | map | overlay) and NAME.json per image.")],
-    method: Annotated[str, typer.Option(help="rollout (attention rollout) or grad-rollout (gradient-weighted, for one class).")] = "rollout",
-    head_fusion: Annotated[str, typer.Option(help="rollout: how heads combine, mean or max.")] = "mean",
+    method: Annotated[str, typer.Option(metavar="[rollout|grad-rollout]", help="rollout (attention rollout) or grad-rollout (gradient-weighted, for one class).")] = "rollout",
+    head_fusion: Annotated[str, typer.Option(metavar="[mean|max]", help="rollout: how heads combine, mean or max.")] = "mean",
     discard_ratio: Annotated[float, typer.Option(help="rollout: fraction of the weakest attention entries dropped per layer, in [0, 1).")] = 0.0,
     class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index.", show_default="each image's top-1")] = None,
     top_k: Annotated[int, typer.Option(help="Classes listed per image.")] = 5,
@@ -559,12 +564,85 @@ def explain(
     for image, pixels, record, heat in zip(images, batch, records, maps, strict=True):
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"
         record = {"image": str(image), "checkpoint": str(path), **record}
-        title = f"{record['class']['label']} {100 * record['class']['probability']:.1f}%  ({method})  {image.name}"
+        top1 = record["predictions"][0]
+        other = "" if top1["label"] == record["class"]["label"] else f" (top-1: {top1['label']} {100 * top1['probability']:.1f}%)"
+        title = f"{record['class']['label']} {100 * record['class']['probability']:.1f}%{other}  ({method})  {image.name}"
         # never over an existing file: the same name twice (from different folders, or an earlier run) keeps both
         name = write_new_files(out, stem, {".png": explanation_png(pixels, heat, title),
                                            ".json": (json.dumps(record, indent=2) + "\n").encode()})
-        console.print(f"{escape(str(image))}: {record['class']['label']} {100 * record['class']['probability']:.1f}% -> "
+        console.print(f"{escape(str(image))}: {record['class']['label']} {100 * record['class']['probability']:.1f}%{other} -> "
                       f"{out / (name + '.png')}, {out / (name + '.json')}")
+
+
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Argument(metavar="URL", help="The server, e.g. http://127.0.0.1:8000 (`vitdeploy serve`).")],
+    image: Annotated[Optional[list[Path]], typer.Option(metavar="FILE", help="An image file to send (repeat for several; they are cycled).", show_default="the first --limit CIFAR-10 test images as PNG")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder holding cifar-10-batches-py, when no --image is given.")] = Path("data"),
+    limit: Annotated[int, typer.Option(help="How many test images to cycle through without --image.")] = 256,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients, one level each.")] = "1,4,16,64",
+    requests: Annotated[int, typer.Option(help="Predictions sent at each level.")] = 200,
+    timeout_s: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 60.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="VITDEPLOY_API_KEY", help="The server's API key, if it has one.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for loadtest.json, loadtest.csv, loadtest.png.")] = Path("loadtest"),
+) -> None:
+    """Throughput and latency of a running server at rising concurrency (like perf_analyzer), with a plot."""
+    import io
+
+    from PIL import Image
+
+    from vitdeploy.bench.loadtest import LoadOptions, check_server, plot_png, run_level
+    from vitdeploy.bench.report import records_csv
+    from vitdeploy.files import atomic_write_bytes
+
+    check_output_dir(out, "--out")
+    levels = tuple(_count(text, "--concurrency") for text in concurrency.split(",") if text.strip())
+    if image:
+        bodies = tuple(path.read_bytes() for path in image if _is_file(path))
+    else:
+        from vitdeploy.data import load_test
+
+        bodies = []
+        for pixels in load_test(data_dir).images[: max(1, limit)].numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.transpose(1, 2, 0)).save(buffer, format="PNG")
+            bodies.append(buffer.getvalue())
+        bodies = tuple(bodies)
+    options = LoadOptions(url, bodies, levels, requests, timeout_s, api_key)
+    options.validate()
+    served = check_server(options)
+    console.print(f"{escape(url)} serves {served['model']} on {served['backend'].get('name')} "
+                  f"{served['backend'].get('precision')}; {requests} predictions per level, {len(bodies)} images cycled")
+    records: list[dict] = []
+    table = Table("clients", "requests/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ok", "other statuses",
+                  title=f"{served['model']} at {url}")
+    for level in levels:
+        record = run_level(options, level)
+        records.append(record)
+        others = ", ".join(f"{k}: {v}" for k, v in record["statuses"].items() if k != "200") or "-"
+        console.print(f"{level} clients: {record['requests_per_s']:,.1f} requests/s, p50 {record['latency_ms_p50']} ms, "
+                      f"p99 {record['latency_ms_p99']} ms, {record['ok']}/{record['requests']} ok")
+        table.add_row(str(level), f"{record['requests_per_s']:,.1f}", *(str(record[f"latency_ms_{q}"]) for q in ("p50", "p90", "p99", "max")),
+                      f"{record['ok']}/{record['requests']}", escape(others))
+        report = {"url": url, "server": {k: served.get(k) for k in ("model", "backend", "serving")}, "levels": records}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "loadtest.json", (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "loadtest.csv", records_csv([{**r, "statuses": json.dumps(r["statuses"])} for r in records]).encode())
+    atomic_write_bytes(out / "loadtest.png", plot_png(records, f"{served['model']}: {served['backend'].get('name')}"))
+    console.print(table)
+    console.print(f"wrote {out / 'loadtest.json'}, {out / 'loadtest.csv'}, {out / 'loadtest.png'}")
+
+
+def _count(text: str, flag: str) -> int:
+    if not text.strip().isdigit() or len(text.strip()) > 6:
+        raise VitDeployError(f"{flag} takes comma-separated whole numbers, e.g. 1,4,16,64 (got {text.strip()[:20]!r})")
+    return int(text.strip())
+
+
+def _is_file(path: Path) -> bool:
+    if not path.is_file():
+        raise VitDeployError(f"--image {path} is not a file")
+    return True
 
 
 def check_explain_out(out: Path, images: list[Path]) -> None:
@@ -582,7 +660,7 @@ def check_explain_out(out: Path, images: list[Path]) -> None:
 
 @app.command()
 def serve(
-    artifacts: Annotated[Path, typer.Argument(help="Artifact folder written by `vitdeploy export` (with --backend pytorch also a run folder or checkpoint).")],
+    artifacts: Annotated[Path, typer.Argument(metavar="ARTIFACTS", help="Artifact folder written by `vitdeploy export` (with --backend pytorch also a run folder or checkpoint).")],
     backend: Annotated[BackendName, typer.Option(help="Which runtime serves.")] = BackendName.ort_cpu,
     precision: Annotated[InferencePrecision, typer.Option(help="Which artifact (ONNX/TensorRT) or arithmetic (pytorch): fp32, fp16, bf16, int8 (auto: fp32).")] = InferencePrecision.auto,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
@@ -597,10 +675,10 @@ def serve(
     write_timeout_s: Annotated[float, typer.Option(help="Deadline for a client that stopped reading to take its response, seconds (the connection is dropped beyond).")] = 10.0,
     max_connections: Annotated[int, typer.Option(help="Most open connections; beyond it new requests get 503. Memory for bodies being read is at most this x --max-body-mb.")] = 512,
     api_key: Annotated[Optional[str], typer.Option(envvar="VITDEPLOY_API_KEY", help="Require this key (Authorization: Bearer KEY or X-API-Key) on every endpoint but /healthz, /readyz and the upload page.")] = None,
-    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Allow browser calls from this origin (repeat for several).", show_default="CORS off")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(metavar="ORIGIN", help="Allow browser calls from this origin (repeat for several).", show_default="CORS off")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend).")] = None,
-    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="Replay CUDA graphs on the GPU backends (trt, ort-cuda, pytorch): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help="Replay CUDA graphs on the GPU backends (trt, ort-cuda, pytorch): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
     explain_queue: Annotated[int, typer.Option(help="Most /v1/explain requests running or waiting (one runs at a time, on the server's own PyTorch copy of the model); beyond it 503. 0 turns explanations off.")] = 4,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -645,7 +723,11 @@ def _str(path: Optional[Path]) -> Optional[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console-script entry point: domain errors become one line and exit code 1."""
+    """Console-script entry point: domain errors become one line and exit code 1. `--debug` may
+    stand anywhere on the command line, not only before the command's name."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv[1:]:
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
         app(args=argv, prog_name="vitdeploy")
     except (VitDeployError, OSError) as exc:

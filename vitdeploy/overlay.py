@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw
 PANEL = 224  # px per panel
 PAD = 8
 TITLE = 24
+LABEL = 14  # a panel label's line
+BAR = 10  # the colour bar's height
 ALPHA = 0.5  # weight of the map in the overlay
 # A perceptually ordered colour map (dark blue -> teal -> yellow), by linear steps between anchors.
 _ANCHORS = np.array([[48, 18, 59], [40, 110, 200], [30, 180, 160], [150, 220, 60], [250, 230, 40]], dtype=np.float64)
@@ -53,9 +55,20 @@ def overlay_png(image: np.ndarray, grid_map: np.ndarray) -> bytes:
 
 
 def explanation_png(image: np.ndarray, grid_map: np.ndarray, title: str) -> bytes:
-    """Image | map | overlay, each PANEL px, under `title`, as PNG bytes."""
-    sheet = Image.new("RGB", (3 * PANEL + 4 * PAD, PANEL + TITLE + 2 * PAD), "white")
-    for i, panel in enumerate(_panels(image, grid_map)):
-        sheet.paste(panel, (PAD + i * (PANEL + PAD), TITLE + PAD))
-    ImageDraw.Draw(sheet).text((PAD, PAD // 2 + 2), title, fill="black")
+    """Image | map | overlay, each PANEL px and labelled, under `title`, with a colour bar for the map,
+    as PNG bytes."""
+    width = 3 * PANEL + 4 * PAD
+    top = TITLE + LABEL + PAD
+    sheet = Image.new("RGB", (width, top + PANEL + PAD + BAR + LABEL + PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((PAD, PAD // 2 + 2), title, fill="black")
+    for i, (panel, label) in enumerate(zip(_panels(image, grid_map), ("image", "where the model looks", "overlay"), strict=True)):
+        left = PAD + i * (PANEL + PAD)
+        draw.text((left, TITLE + 2), label, fill="black")
+        sheet.paste(panel, (left, top))
+    bar_top = top + PANEL + PAD  # the map's colours, lowest to highest relevance in this image
+    ramp = colorize(np.tile(np.linspace(0, 1, PANEL), (BAR, 1)))
+    sheet.paste(Image.fromarray(ramp), (PAD + PANEL + PAD, bar_top))
+    draw.text((PAD + PANEL + PAD, bar_top + BAR + 1), "lowest", fill="black")
+    draw.text((PAD + 2 * PANEL + PAD - 42, bar_top + BAR + 1), "highest", fill="black")
     return _png(sheet)

@@ -61,6 +61,15 @@ def cuda_devices() -> list[dict[str, Any]]:
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "neon", "asimd")
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far in MiB (Linux's ru_maxrss), None where it is not available."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def cpu_name() -> str:
     """The processor's model name (Linux /proc/cpuinfo), else what the platform module knows."""
     import platform

@@ -14,14 +14,20 @@ from vitdeploy.files import atomic_write_bytes
 
 
 def write_reports(report: dict[str, Any], out: Path, plot: bool = True) -> list[Path]:
-    """Write bench.json, bench.csv and (with `plot`) bench.png into `out`; returns their paths."""
+    """Write bench.json, bench.csv and (with `plot`) bench.png into `out`; returns their paths.
+
+    The finished report (`plot`) is also kept as bench-STAMP.{json,csv,png}, STAMP from its creation
+    time, so that earlier runs stay side by side with the latest; partial reports only refresh bench.*."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.json", out / "bench.csv"]
-    atomic_write_bytes(paths[0], (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(paths[1], records_csv(report["records"]).encode())
+    contents = {".json": (json.dumps(report, indent=2) + "\n").encode(), ".csv": records_csv(report["records"]).encode()}
     if plot:
-        paths.append(out / "bench.png")
-        atomic_write_bytes(paths[2], plot_png(report))
+        contents[".png"] = plot_png(report)
+    stems = ["bench"] + ([f"bench-{report['created'][:19].replace(':', '').replace('-', '')}"] if plot else [])
+    paths = []
+    for stem in stems:
+        for suffix, data in contents.items():
+            atomic_write_bytes(out / f"{stem}{suffix}", data)
+            paths.append(out / f"{stem}{suffix}")
     return paths
 
 
@@ -41,6 +47,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib import ticker
 
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in report["records"]:
@@ -53,9 +60,16 @@ def plot_png(report: dict[str, Any]) -> bytes:
         ax_thr.plot(sizes, [r["images_per_s"] for r in rows], marker="o", label=label)
     gpu = report["environment"]["gpu"]
     where = gpu["name"] if gpu else f"{report['environment']['cpu']['cores']}-core CPU"
+    sizes_all = sorted({r["batch_size"] for r in report["records"]})
+    plain = ticker.FuncFormatter(lambda value, _pos: f"{value:,.0f}" if value >= 10 else f"{value:g}")
     for ax, title, unit in ((ax_lat, "p50 latency per batch", "ms"), (ax_thr, "throughput", "images/s")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(sizes_all, [str(b) for b in sizes_all])  # the batch sizes measured, as numbers
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("batch size")
         ax.set_ylabel(unit)
         ax.set_title(f"{report['model']}: {title} ({where})")

@@ -35,6 +35,7 @@ from vitdeploy.versions import (
     cpu_name,
     cuda_devices,
     device_record,
+    peak_rss_mib,
     versions,
 )
 
@@ -248,8 +249,11 @@ def run_bench(options: BenchOptions, say: Say = print,
         "passed": True,
     }
     for name, precision in runs:
+        opened = time.perf_counter()
         with open_(name, precision, compile=options.compile and name == "pytorch", graphs=options.cuda_graph) as backend:
+            loaded = {"load_s": round(time.perf_counter() - opened, 3)}  # reading the file, session or engine set-up
             described = backend.describe()
+            loaded.update(_artifact(manifest, described))
             if (name, precision) == ("pytorch", "fp32") and not options.compile and not options.cuda_graph:
                 logits = ref_logits  # it is the reference
             else:
@@ -271,7 +275,7 @@ def run_bench(options: BenchOptions, say: Say = print,
                     else:
                         timing = measure(end_to_end, batches, options.policy)
                     record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
-                    record.update(_ran(backend.describe()))
+                    record.update(_ran(backend.describe()), **loaded, process_peak_rss_mib=peak_rss_mib())
                     records.append(record)
                     if progress is not None:
                         progress(report)
@@ -282,9 +286,24 @@ def run_bench(options: BenchOptions, say: Say = print,
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    for record in records:  # against PyTorch fp32 in the same mode and batch size, where it was measured
+        base = next((r for r in records if (r["backend"], r["precision"], r["mode"], r["batch_size"])
+                     == ("pytorch", "fp32", record["mode"], record["batch_size"])), None)
+        record["speedup_vs_pytorch_fp32"] = round(record["images_per_s"] / base["images_per_s"], 3) if base else None
     report["complete"] = True
     report["passed"] = all(p["passed"] for p in parity)
     return report
+
+
+def _artifact(manifest: dict[str, Any], described: dict[str, Any]) -> dict[str, Any]:
+    """The file a backend ran and its size on disk (external weights included); the pytorch backend runs
+    the training checkpoint, which is not part of the export."""
+    name = described.get("model")
+    for a in manifest["artifacts"]:
+        if a["path"] == name:
+            size = a["size_bytes"] + sum(e["size_bytes"] for e in a.get("external_data", []))
+            return {"artifact": name, "artifact_mb": round(size / 2**20, 2)}
+    return {"artifact": name, "artifact_mb": None}
 
 
 def _ran(described: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy.versions import peak_rss_mib
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -176,7 +177,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
         return record
     if images is None or not len(images):
         raise VitDeployError("static INT8 quantization needs calibration images; pass --data-dir with the training batches")
-    before = _peak_rss_kib()
+    before = peak_rss_mib()
     symmetric = form == "qdq-s8-symmetric"
     chunk = chunk_images(model_px)
     # One batch per collection, ranges or histograms merged after each: memory bounded by one batch. (Not
@@ -189,23 +190,14 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
                     reduce_range=form == "qdq-u8",  # 7-bit weights where U8S8 could saturate (no VNNI)
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=_method(options.calib_method), extra_options=extra)
-    peak = _peak_rss_kib()
+    peak = peak_rss_mib()
     record["quantized_nodes"] = quantized_count(out)
     record["calibration"] = {"method": options.calib_method, "images": int(len(images)), "seed": options.seed,
                              "source": "training images outside the validation split, through the graph's own preprocessing",
                              "chunk_images": chunk,
-                             "process_peak_rss_mib": None if peak is None else round(peak / 1024, 1),
-                             "peak_rss_growth_mib": None if peak is None else round(max(0, peak - before) / 1024, 1)}
+                             "process_peak_rss_mib": peak,
+                             "peak_rss_growth_mib": None if peak is None else round(max(0.0, peak - before), 1)}
     return record
-
-
-def _peak_rss_kib() -> int | None:
-    """This process's peak resident memory in KiB (Linux's ru_maxrss), None where it is not available."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def scales(path: Path) -> dict[str, tuple[float, int]]:
