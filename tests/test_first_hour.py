@@ -144,3 +144,16 @@ def test_an_explained_class_that_is_not_the_top1_names_the_top1(trained: Path, c
     other = (top1 + 1) % 10
     result = run_cli("explain", str(trained), str(tmp_path / "x.png"), "--out", str(tmp_path / "b"), "--class", str(other))
     assert result.returncode == 0 and "(top-1: " in result.stdout, result.stdout
+
+
+def test_calibration_and_explain_say_where_they_are(trained: Path, cifar_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    quick = {"VITDEPLOY_PROGRESS_LINE_S": "0"}
+    result = run_cli("export", str(trained), "--out", str(tmp_path / "art"), "--int8", "--calib-images", "64",
+                     "--data-dir", str(cifar_root), "--parity-images", "8", "--max-batch", "8", env=quick)
+    assert result.returncode == 0, result.stderr
+    assert "calibration: 1/2 batches collected" in result.stdout, result.stdout  # 64 images in batches of 32
+    Image.new("RGB", (32, 32), (10, 200, 90)).save(tmp_path / "x.png")
+    result = run_cli("explain", str(trained), *[str(tmp_path / "x.png")] * 10, "--out", str(tmp_path / "maps"), env=quick)
+    assert result.returncode == 0 and "explained 8/10 images" in result.stdout, result.stdout

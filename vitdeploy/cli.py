@@ -559,7 +559,8 @@ def explain(
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
     target = None if class_ is None else class_index(class_, classes)
     batch = np.stack([load_image_file(image, preprocessing.source_size) for image in images])
-    records, maps = explain_images(model, preprocessing, classes, batch, method, head_fusion, discard_ratio, target, top_k)
+    records, maps = explain_images(model, preprocessing, classes, batch, method, head_fusion, discard_ratio, target, top_k,
+                                   say=lambda line: console.print(escape(line)))
     out.mkdir(parents=True, exist_ok=True)
     for image, pixels, record, heat in zip(images, batch, records, maps, strict=True):
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"

@@ -12,6 +12,7 @@ gradient of a class score with respect to every A is available.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from vitdeploy.manifest import MANIFEST, read_manifest, recorded_checkpoint
 from vitdeploy.models import model_from_checkpoint
 from vitdeploy.predictions import top_k as top_k_predictions
 from vitdeploy.preprocess import Preprocess, Preprocessing
+from vitdeploy.progress import Ticker
 
 METHODS = ("rollout", "grad-rollout")
 HEAD_FUSIONS = ("mean", "max")
@@ -179,16 +181,21 @@ def check_options(method: str, head_fusion: str, discard_ratio: float) -> None:
 
 def explain_images(model: nn.Module, preprocessing: Preprocessing, class_names: list[str], images: np.ndarray,
                    method: str = "rollout", head_fusion: str = "mean", discard_ratio: float = 0.0,
-                   target: int | None = None, top_k: int = 5) -> tuple[list[dict[str, Any]], np.ndarray]:
+                   target: int | None = None, top_k: int = 5,
+                   say: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
     """For uint8 images (N x 3 x H x W at the source size): one JSON-ready record each (top-k
     classes, the class explained, the map as numbers) and the maps (N x grid x grid)."""
     check_options(method, head_fusion, discard_ratio)
     preprocess = Preprocess(preprocessing)
     results = []
+    ticker = Ticker()
     for first in range(0, len(images), EXPLAIN_CHUNK):  # bounded memory: attention of every layer is kept per chunk
         chunk = torch.from_numpy(np.ascontiguousarray(images[first:first + EXPLAIN_CHUNK]))
         chosen = None if target is None else torch.full((len(chunk),), target, dtype=torch.int64)
         results.append(explain_batch(model, preprocess(chunk), method, head_fusion, discard_ratio, chosen))
+        done = first + len(chunk)
+        if say is not None and done < len(images) and ticker.due():
+            say(f"explained {done}/{len(images)} images")
     maps = torch.cat([r.maps for r in results]).numpy()
     all_logits = torch.cat([r.logits for r in results]).numpy()
     all_classes = torch.cat([r.classes for r in results]).tolist()

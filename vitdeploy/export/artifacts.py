@@ -416,7 +416,7 @@ def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray,
             + f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})")
         with int8q.temporary_files_in(staging):  # ONNX Runtime's scratch files: removed with the staging folder
             record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options,
-                                    model_px=model_px)
+                                    model_px=model_px, say=say)
         record.update(target=target, backends=["ort-cpu"] if target == "cpu" else ["trt", "ort-trt"])
         if target == "cpu":
             record.update(rule=rule["reason"], cpu_int8_flags=rule["cpu_int8_flags"])

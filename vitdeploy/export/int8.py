@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from vitdeploy.errors import VitDeployError
+from vitdeploy.progress import Ticker
 from vitdeploy.versions import peak_rss_mib
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -127,9 +128,10 @@ class _Reader:
     """ONNX Runtime's CalibrationDataReader over uint8 image batches (the graph's own input), with the
     `__len__`/`set_range` that its strided calibration uses to collect one batch at a time."""
 
-    def __init__(self, input_name: str, images: np.ndarray, chunk: int) -> None:
+    def __init__(self, input_name: str, images: np.ndarray, chunk: int, say: Callable[[str], None] | None = None) -> None:
         self.batches = [images[i:i + chunk] for i in range(0, len(images), chunk)]
         self.input_name = input_name
+        self.say, self.ticker, self.served = say, Ticker(), 0
         self.set_range(0, len(self.batches))
 
     def __len__(self) -> int:
@@ -140,7 +142,12 @@ class _Reader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.pending, None)
-        return None if batch is None else {self.input_name: batch}
+        if batch is None:
+            return None
+        self.served += 1
+        if self.say is not None and self.ticker.due():  # ONNX Runtime's calibrator says nothing for minutes
+            self.say(f"calibration: {min(self.served, len(self.batches))}/{len(self.batches)} batches collected")
+        return {self.input_name: batch}
 
 
 def _method(name: str) -> Any:
@@ -151,7 +158,7 @@ def _method(name: str) -> Any:
 
 
 def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, options: Int8Options,
-             input_name: str = "input", model_px: int = 32) -> dict[str, Any]:
+             input_name: str = "input", model_px: int = 32, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-u8-vnni', 'qdq-s8-symmetric') for `source`; returns
     what the manifest records (form, quantized and float nodes, calibration, peak memory)."""
     from onnxruntime.quantization import (
@@ -185,7 +192,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
     extra = {"CalibStridedMinMax": 1,
              "ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False if symmetric else True,
              "DedicatedQDQPair": symmetric, "AddQDQPairToWeight": False}
-    quantize_static(model, str(out), _Reader(input_name, images, chunk), quant_format=QuantFormat.QDQ,
+    quantize_static(model, str(out), _Reader(input_name, images, chunk, say), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes, per_channel=True,
                     reduce_range=form == "qdq-u8",  # 7-bit weights where U8S8 could saturate (no VNNI)
                     activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
