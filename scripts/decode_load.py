@@ -38,24 +38,22 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS in /proc")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifacts", type=Path)
-    args = parser.parse_args()
+def measure(artifacts: Path, *server_args: str) -> dict:
+    """Serve `artifacts`, send the 8 large pictures and the small one; the numbers, as a record."""
     heavy = png(np.zeros((6324, 6324), np.uint16))
     small = png(np.random.default_rng(0).integers(0, 255, (32, 32, 3)).astype(np.uint8))
-    server = Server(args.artifacts, "--max-batch", "8", "--timeout-s", "30")
+    server = Server(artifacts, "--max-batch", "8", "--timeout-s", "30", *server_args)
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb(server.proc.pid))
+            time.sleep(0.02)
+
     try:
         httpx.post(server.url + "/v1/predict", content=small, timeout=30)  # warm
-        idle = rss_mb(server.proc.pid)
-        peak, done = [idle], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_mb(server.proc.pid))
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample)
+        idle = peak[0] = rss_mb(server.proc.pid)
+        sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         with ThreadPoolExecutor(8) as pool:
             start = time.perf_counter()
@@ -68,10 +66,20 @@ def main() -> None:
             large_s = time.perf_counter() - start
         done.set()
         sampler.join()
-        print(f"idle RSS {idle:.0f} MB, peak {peak[0]:.0f} MB (+{peak[0] - idle:.0f} MB); small prediction "
-              f"{small_s:.2f} s (HTTP {answer.status_code}); 8 large: {statuses} in {large_s:.1f} s")
     finally:
+        done.set()
         server.stop()
+    return {"large_png_bytes": len(heavy), "idle_rss_mb": round(idle), "peak_rss_mb": round(peak[0]),
+            "peak_above_idle_mb": round(peak[0] - idle), "small_status": answer.status_code,
+            "small_seconds": round(small_s, 3), "large_statuses": statuses, "large_seconds": round(large_s, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifacts", type=Path)
+    r = measure(parser.parse_args().artifacts)
+    print(f"idle RSS {r['idle_rss_mb']} MB, peak {r['peak_rss_mb']} MB (+{r['peak_above_idle_mb']} MB); small prediction "
+          f"{r['small_seconds']:.2f} s (HTTP {r['small_status']}); 8 large: {r['large_statuses']} in {r['large_seconds']} s")
 
 
 if __name__ == "__main__":

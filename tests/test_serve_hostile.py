@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import io
 import socket
+import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.conftest import free_port, run_cli, serve_client
+from tests.conftest import REPO, free_port, run_cli, serve_client
 from tests.test_serve import Server
 from vitdeploy.data import load_test
 
@@ -134,44 +134,18 @@ def test_clients_that_never_read_are_dropped_at_the_write_deadline(exported: Pat
         server.stop()
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory from /proc")
-def test_decode_heavy_pictures_are_bounded_and_do_not_delay_small_ones(exported: Path, small_png: bytes) -> None:
-    heavy = png(np.zeros((6324, 6324), np.uint16))  # 78 kB of PNG, 80 MB as decoded 16-bit grayscale
-    assert len(heavy) < 100_000
-    server = Server(exported, "--max-batch", "8", "--timeout-s", "30")
-    peak, sampling = [0.0], threading.Event()
+def test_decode_heavy_pictures_are_bounded_and_do_not_delay_small_ones(exported: Path) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from decode_load import (
+        measure,  # the measurement command itself (scripts/decode_load.py)
+    )
 
-    def sample() -> None:
-        while not sampling.is_set():
-            peak[0] = max(peak[0], rss_mb(server.proc.pid))
-            time.sleep(0.05)
-    try:
-        httpx.post(server.url + "/v1/predict", content=small_png, timeout=30)  # warm
-        idle = rss_mb(server.proc.pid)
-        watcher = threading.Thread(target=sample, daemon=True)
-        watcher.start()
-        with ThreadPoolExecutor(8) as pool:
-            bombs = [pool.submit(httpx.post, server.url + "/v1/predict", content=heavy, timeout=60) for _ in range(8)]
-            time.sleep(0.5)
-            start = time.perf_counter()
-            small = httpx.post(server.url + "/v1/predict", content=small_png, timeout=30)
-            small_s = time.perf_counter() - start
-            statuses = [b.result().status_code for b in bombs]
-        sampling.set()
-        watcher.join()
-        assert small.status_code == 200 and small_s < 2, small_s
-        assert all(s == 200 for s in statuses), statuses  # decoded (and answered), one at a time
-        assert peak[0] - idle < 1024, (idle, peak[0])
-    finally:
-        sampling.set()
-        server.stop()
+    result = measure(exported)
+    assert result["large_png_bytes"] < 100_000  # 78 kB of PNG, 80 MB as decoded 16-bit grayscale
+    assert result["small_status"] == 200 and result["small_seconds"] < 2, result
+    assert all(s == 200 for s in result["large_statuses"]), result  # decoded (and answered), one at a time
+    assert result["peak_above_idle_mb"] < 1024, result
 
 
 def test_the_deadline_covers_decoding(exported: Path, monkeypatch: pytest.MonkeyPatch, small_png: bytes) -> None:
