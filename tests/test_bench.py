@@ -5,6 +5,7 @@ with one line."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
 import shutil
@@ -59,10 +60,13 @@ def test_bench_all_on_cpu_writes_reports(exported: Path, cifar_root: Path, tmp_p
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["schema"] == "vitdeploy-bench" and report["complete"] and report["passed"]
-    # all: every exported precision a backend runs here (ort-cpu: fp32 and the fp16 graph; pytorch on the CPU: fp32)
+    # all: every exported precision a backend runs here (ort-cpu and openvino: fp32 and the fp16 graph; pytorch on
+    # the CPU: fp32); openvino where it is installed, else skipped with the reason
+    openvino = importlib.util.find_spec("openvino") is not None
+    runs = [("pytorch", "fp32"), ("ort-cpu", "fp32"), ("ort-cpu", "fp16")] + openvino * [("openvino", "fp32"), ("openvino", "fp16")]
     assert {(r["backend"], r["precision"], r["mode"], r["batch_size"]) for r in report["records"]} == {
-        (b, p, "end-to-end", n) for b, p in (("pytorch", "fp32"), ("ort-cpu", "fp32"), ("ort-cpu", "fp16")) for n in (1, 4)}
-    assert {s["backend"] for s in report["skipped"]} == {"ort-cuda", "ort-trt", "trt"}
+        (b, p, "end-to-end", n) for b, p in runs for n in (1, 4)}
+    assert {s["backend"] for s in report["skipped"]} == {"ort-cuda", "ort-trt", "trt"} | (set() if openvino else {"openvino"})
     assert all(s["reason"] for s in report["skipped"])
     assert "skipped ort-cuda" in result.stdout and "skipped trt" in result.stdout
     parity = {p["backend"]: p for p in report["parity"] if p["precision"] == "fp32"}
@@ -106,7 +110,7 @@ def test_parity_outside_tolerance_fails_after_writing_the_report(exported: Path,
     (["--precision", "int4"], "unknown precision 'int4'"),
     (["--backend", "ort-cpu", "--precision", "int8"], "ort-cpu int8: the artifacts have no onnx int8 model (re-export with --int8)"),
     (["--backend", "ort-cuda"], "backend ort-cuda cannot run here"),
-    (["--backend", "ort-cpu", "--precision", "bf16"], "nothing to run: ort-cpu bf16: the artifacts have no onnx bf16 model"),
+    (["--backend", "ort-cpu", "--precision", "bf16"], "nothing to run: ort-cpu bf16: bf16 runs only on --backend pytorch"),
     (["--mode", "fast"], "--mode must be one of"),
 ])
 def test_bad_options_are_one_line_errors(exported: Path, cifar_root: Path, args: list[str], message: str) -> None:

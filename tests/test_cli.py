@@ -3,6 +3,7 @@ answered with one clear line and a non-zero exit, no traceback."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def test_help_version_and_models() -> None:
 def test_info_reports_backends_honestly() -> None:
     record = json.loads(run_cli("info", "--json").stdout)
     backends = {b["name"]: b for b in record["backends"]}
-    assert set(backends) == {"pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt"}
+    assert set(backends) == {"pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino"}
     assert backends["pytorch"]["usable"]
+    openvino_installed = importlib.util.find_spec("openvino") is not None
+    assert backends["openvino"]["usable"] == openvino_installed, backends["openvino"]
+    assert ("OpenVINO" in backends["openvino"]["reason"]) if openvino_installed else (
+        "pip install openvino" in backends["openvino"]["reason"])
     if not torch.cuda.is_available():
         assert not backends["ort-cuda"]["usable"] and "CUDA" in backends["ort-cuda"]["reason"]
         assert not backends["trt"]["usable"]

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitdeploy import __version__
+from vitdeploy.backends import registry
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import check_output_dir, describe_os_error
 
@@ -65,12 +66,9 @@ class CalibMethod(str, Enum):
     percentile = "percentile"
 
 
-class InferencePrecision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int8 = "int8"
+InferencePrecision = Enum("InferencePrecision", {p: p for p in ("auto", *registry.PRECISIONS)}, type=str)
+BACKEND_METAVAR = f"[{'|'.join(registry.NAMES)}]"
+BACKEND_HELP = "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS)
 
 
 class Augment(str, Enum):
@@ -101,13 +99,13 @@ def _root(
 @app.command()
 def info(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of tables.")] = False) -> None:
     """Versions, CUDA devices, ONNX Runtime providers, and which backends can run here."""
-    from vitdeploy.versions import backend_statuses, cuda_devices, versions
+    from vitdeploy.versions import cuda_devices, versions
 
     record = {
         "versions": versions(),
         "cuda_devices": cuda_devices(),
         "onnxruntime_providers": _ort_providers(),
-        "backends": [{"name": b.name, "usable": b.usable, "reason": b.reason} for b in backend_statuses()],
+        "backends": [{"name": b.name, "usable": b.usable, "reason": b.reason} for b in registry.statuses()],
     }
     if as_json:
         print(json.dumps(record, indent=2))
@@ -326,14 +324,6 @@ def bench_train(
             console.print(f"{r['model']}: real / synthetic = {r['real_over_synthetic']:.3f} (1.0: the input pipeline costs nothing)")
 
 
-class BackendName(str, Enum):
-    pytorch = "pytorch"
-    ort_cpu = "ort-cpu"
-    ort_cuda = "ort-cuda"
-    ort_trt = "ort-trt"
-    trt = "trt"
-
-
 @app.command()
 def export(
     source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A run folder (its best.pt) or a checkpoint file.")],
@@ -413,7 +403,7 @@ def _csv(text: str, flag: str, cast: type = str) -> tuple:
 @app.command()
 def bench(
     artifacts: Annotated[Path, typer.Argument(metavar="ARTIFACTS", help="Artifact folder written by `vitdeploy export`.")],
-    backend: Annotated[str, typer.Option(metavar="[all|pytorch,ort-cpu,ort-cuda,ort-trt,trt]", help="all, or a comma-separated list of pytorch, ort-cpu, ort-cuda, ort-trt, trt.")] = "all",
+    backend: Annotated[str, typer.Option(metavar=f"[all|{','.join(registry.NAMES)}]", help=f"all (every backend that runs here), or a comma-separated list of: {BACKEND_HELP}.")] = "all",
     precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8.", show_default="pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu every exported precision, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.", show_default="1,8,32,128, those within the exported range")] = "",
     mode: Annotated[str, typer.Option(metavar="[end-to-end|device|both]", help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
@@ -439,7 +429,7 @@ def bench(
 
     modes = MODES if mode == "both" else (mode,)
     options = BenchOptions(
-        artifacts=artifacts, backends=_csv(backend, "--backend"), precisions=_csv(precision, "--precision"),
+        artifacts=artifacts, backends=registry.parse_backends(backend), precisions=_csv(precision, "--precision"),
         batch_sizes=_csv(batch_sizes, "--batch-sizes", int), modes=modes,
         policy=TimingPolicy(warmup, min_iters, min_seconds, max_seconds), limit=limit, data_dir=data_dir,
         threads=threads, compile=compile, checkpoint=checkpoint, max_abs=max_abs_diff, margin=tie_margin,
@@ -484,7 +474,7 @@ def bench(
 def predict(
     artifacts: Annotated[Path, typer.Argument(metavar="ARTIFACTS", help="Artifact folder written by `vitdeploy export`.")],
     images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files (PNG, JPEG, WebP, ...), any size.")],
-    backend: Annotated[BackendName, typer.Option(help="Which runtime to use.")] = BackendName.ort_cpu,
+    backend: Annotated[str, typer.Option(metavar=BACKEND_METAVAR, help=f"Which runtime to use: {BACKEND_HELP}.")] = registry.DEFAULT,
     precision: Annotated[InferencePrecision, typer.Option(help="Which artifact: fp32, fp16 or int8 (auto: fp32).")] = InferencePrecision.auto,
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
@@ -498,6 +488,7 @@ def predict(
     from vitdeploy.manifest import read_manifest
     from vitdeploy.predictions import top_k as top_k_predictions
 
+    name = registry.parse_backends(backend, allow_all=False)[0]
     manifest = read_manifest(artifacts)
     classes = manifest["model"]["class_names"]
     if not 1 <= top_k <= len(classes):
@@ -505,19 +496,19 @@ def predict(
     size = manifest["preprocessing"]["source_size"]
     batch = np.stack([load_image_file(path, size) for path in images])
     chosen = "fp32" if precision is InferencePrecision.auto else precision.value
-    with open_backend(artifacts, manifest, backend.value, chosen) as runner:
+    with open_backend(artifacts, manifest, name, chosen) as runner:
         start = time.perf_counter()
-        logits = run_batches(runner, model_input(manifest, batch, backend.value), manifest["batch"]["max"])
+        logits = run_batches(runner, model_input(manifest, batch, name), manifest["batch"]["max"])
         seconds = time.perf_counter() - start
         model_file = runner.describe()["model"]
-    ran = {"backend": backend.value, "precision": chosen, "model_file": model_file,
+    ran = {"backend": name, "precision": chosen, "model_file": model_file,
            "inference_ms_all_images": round(1000 * seconds, 3)}
     results = [{"image": str(path), **ran, "predictions": top_k_predictions(row, classes, top_k)}
                for path, row in zip(images, logits, strict=True)]
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    console.print(f"{backend.value} {chosen} ({escape(str(model_file))}): {len(images)} image(s) in "
+    console.print(f"{name} {chosen} ({escape(str(model_file))}): {len(images)} image(s) in "
                   f"{1000 * seconds:.1f} ms (inference only; the first call includes warm-up)")
     for result in results:
         tops = ", ".join(f"{p['label']} {100 * p['probability']:.1f}%" for p in result["predictions"])
@@ -662,7 +653,7 @@ def check_explain_out(out: Path, images: list[Path]) -> None:
 @app.command()
 def serve(
     artifacts: Annotated[Path, typer.Argument(metavar="ARTIFACTS", help="Artifact folder written by `vitdeploy export` (with --backend pytorch also a run folder or checkpoint).")],
-    backend: Annotated[BackendName, typer.Option(help="Which runtime serves.")] = BackendName.ort_cpu,
+    backend: Annotated[str, typer.Option(metavar=BACKEND_METAVAR, help=f"Which runtime serves: {BACKEND_HELP}.")] = registry.DEFAULT,
     precision: Annotated[InferencePrecision, typer.Option(help="Which artifact (ONNX/TensorRT) or arithmetic (pytorch): fp32, fp16, bf16, int8 (auto: fp32).")] = InferencePrecision.auto,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -684,10 +675,10 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /v1/explain, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
-    from vitdeploy.backends.factory import check_cuda_graph
     from vitdeploy.serve.config import ServeConfig, body_bytes
 
-    check_cuda_graph(backend.value, cuda_graph)  # a mistake in the options is named before a missing extra
+    name = registry.parse_backends(backend, allow_all=False)[0]
+    registry.check_cuda_graph(name, cuda_graph)  # a mistake in the options is named before a missing extra
     max_body_bytes = body_bytes(max_body_mb)
     try:
         import uvicorn
@@ -699,7 +690,7 @@ def serve(
     sock = listening_socket(host, port)  # a port in use is refused before the model loads
 
     config = ServeConfig(
-        artifacts=artifacts, backend=backend.value, precision="fp32" if precision is InferencePrecision.auto else precision.value,
+        artifacts=artifacts, backend=name, precision="fp32" if precision is InferencePrecision.auto else precision.value,
         host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
         max_body_bytes=max_body_bytes, max_images_per_request=max_images_per_request, timeout_s=timeout_s,
         read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s, max_connections=max_connections,

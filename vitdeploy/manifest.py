@@ -208,13 +208,12 @@ def validate_manifest(manifest: Any) -> None:
                 _int(profile, "opt", p_lo, p_hi, f"{where}.profiles[{j}]")
 
 def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None,
-                  backend: str | None = None) -> dict[str, Any] | None:
+                  int8_target: str | None = None) -> dict[str, Any] | None:
     """The first artifact of `kind` ('onnx', 'tensorrt'), of `precision` when given; for INT8, the
-    graph meant for `backend` (the CPU form for ort-cpu, the TensorRT form for ort-trt and trt)."""
-    target = None if backend is None else "cpu" if backend == "ort-cpu" else "tensorrt"
+    graph of `int8_target` ('cpu' or 'tensorrt': which graph a backend runs, see `backends.registry`)."""
     for artifact in manifest["artifacts"]:
         if artifact["kind"] == kind and (precision is None or artifact["precision"] == precision):
-            if target is None or artifact["precision"] != "int8" or artifact["int8"]["target"] == target:
+            if int8_target is None or artifact["precision"] != "int8" or artifact["int8"]["target"] == int8_target:
                 return artifact
     return None
 

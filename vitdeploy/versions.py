@@ -1,11 +1,10 @@
-"""Facts about this machine that results are recorded with: package versions, devices,
-and which inference backends can run here (or the one-line reason why not)."""
+"""Facts about this machine that results are recorded with: package versions, devices and
+the CPU (which backends run here is each backend's own probe, see `backends.registry`)."""
 
 from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -19,6 +18,7 @@ _DISTRIBUTIONS = {
     "torchvision": ("torchvision",),
     "onnx": ("onnx",),
     "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
+    "openvino": ("openvino",),
     "tensorrt": ("tensorrt-cu13", "tensorrt-cu12", "tensorrt", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings"),
 }
 
@@ -116,66 +116,3 @@ def _nvidia_driver() -> str | None:
             return f.readline().strip()
     except OSError:
         return None
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    """Whether an inference backend can run on this machine, and why not."""
-
-    name: str
-    usable: bool
-    reason: str
-
-
-def _ort_status(provider: str) -> tuple[bool, str]:
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        return False, f"onnxruntime is not installed ({exc}); pip install onnxruntime-gpu"
-    available = ort.get_available_providers()
-    if provider not in available:
-        return False, f"ONNX Runtime {ort.__version__} has no {provider} (available: {', '.join(available)})"
-    if provider == "CPUExecutionProvider":
-        return True, f"ONNX Runtime {ort.__version__}"
-    if not torch.cuda.is_available():
-        return False, f"ONNX Runtime {ort.__version__} lists {provider} but there is no CUDA GPU"
-    # Listing a provider does not mean its libraries load: open a session and look.
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = min(model.ir_version, 10)
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
-    except Exception as exc:  # noqa: BLE001 - any failure means unusable, and we say why
-        return False, f"creating a {provider} session failed: {str(exc).splitlines()[0]}"
-    if provider not in session.get_providers():
-        return False, f"ONNX Runtime fell back to {', '.join(session.get_providers())}: the CUDA libraries did not load"
-    return True, f"ONNX Runtime {ort.__version__} on {torch.cuda.get_device_name(0)}"
-
-
-def _trt_status() -> tuple[bool, str]:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return False, "TensorRT is not installed; pip install 'vitdeploy[trt]' on a machine with an NVIDIA GPU"
-    if not torch.cuda.is_available():
-        return False, f"TensorRT {trt.__version__} is installed but there is no CUDA GPU"
-    return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
-
-
-def backend_statuses() -> list[BackendStatus]:
-    """pytorch, ort-cpu, ort-cuda, ort-trt and trt: usable here, or the reason they are not."""
-    cuda = torch.cuda.is_available()
-    statuses = [BackendStatus("pytorch", True, f"torch {torch.__version__} on {'CUDA and CPU' if cuda else 'CPU only'}")]
-    for name, provider in (("ort-cpu", "CPUExecutionProvider"), ("ort-cuda", "CUDAExecutionProvider"),
-                           ("ort-trt", "TensorrtExecutionProvider")):
-        usable, reason = _ort_status(provider)
-        statuses.append(BackendStatus(name, usable, reason))
-    usable, reason = _trt_status()
-    statuses.append(BackendStatus("trt", usable, reason))
-    return statuses

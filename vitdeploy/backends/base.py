@@ -5,11 +5,41 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vitdeploy.progress import Ticker, eta
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """What a backend is opened with: the artifact folder and its manifest, the precision, the
+    artifact of that precision the backend runs (None for the pytorch backend, which runs the
+    checkpoint), and the run-time options.
+
+    `threads` sets the CPU threads of the CPU runtimes; `checkpoint` overrides where the
+    pytorch backend finds the training checkpoint; `cuda_graph` replays CUDA graphs per
+    batch-size bucket (`graph_buckets`, or each batch size when None), saying through `say`
+    where a graph cannot be used.
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    precision: str = "fp32"
+    artifact: dict[str, Any] | None = None
+    threads: int | None = None
+    compile: bool = False
+    checkpoint: Path | None = None
+    cuda_graph: bool = False
+    graph_buckets: tuple[int, ...] | None = None
+    say: Callable[[str], None] = print
+
+    def graphs(self) -> dict[str, Any]:
+        """The CUDA-graph keyword arguments every graph-capable backend takes."""
+        return {"cuda_graph": self.cuda_graph, "graph_buckets": self.graph_buckets, "say": self.say}
 
 
 class Backend(ABC):

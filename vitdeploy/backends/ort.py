@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch  # imported before onnxruntime: loads the CUDA libraries from the torch wheels before onnxruntime looks for them
 
-from vitdeploy.backends.base import Backend
+from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.backends.graphs import GraphSet
 from vitdeploy.errors import VitDeployError
+from vitdeploy.manifest import artifact_path, find_artifact
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 TRT_CACHE = ".ort-trt-cache"  # engine and timing caches, inside the artifact folder
@@ -42,6 +43,58 @@ def session_options(threads: int | None = None, optimization: str = "all") -> An
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def probe(entry: Any) -> tuple[bool, str]:
+    """Whether the provider of `entry` (ort-cpu, ort-cuda, ort-trt) runs here: listed, and for the
+    GPU providers, a session that really uses it (listing a provider does not mean its libraries load)."""
+    try:
+        ort = _ort()
+    except VitDeployError as exc:
+        return False, str(exc)
+    provider = PROVIDERS[entry.name.removeprefix("ort-")]
+    available = ort.get_available_providers()
+    if provider not in available:
+        return False, f"ONNX Runtime {ort.__version__} has no {provider} (available: {', '.join(available)})"
+    if provider == PROVIDERS["cpu"]:
+        return True, f"ONNX Runtime {ort.__version__}"
+    if not torch.cuda.is_available():
+        return False, f"ONNX Runtime {ort.__version__} lists {provider} but there is no CUDA GPU"
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, 10)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - any failure means unusable, and we say why
+        return False, f"creating a {provider} session failed: {str(exc).splitlines()[0]}"
+    if provider not in session.get_providers():
+        return False, f"ONNX Runtime fell back to {', '.join(session.get_providers())}: the CUDA libraries did not load"
+    return True, f"ONNX Runtime {ort.__version__} on {torch.cuda.get_device_name(0)}"
+
+
+def open_for(entry: Any, request: OpenRequest) -> OrtBackend:
+    """A session on the request's ONNX file; ort-trt takes the engine's profiles (or the default ones)."""
+    from vitdeploy.tensorrt_runtime import default_profiles
+    from vitdeploy.versions import cpu_flags
+
+    manifest, precision, artifact = request.manifest, request.precision, request.artifact
+    if entry.name == "ort-cpu" and precision == "int8":
+        required = artifact["int8"].get("cpu_int8_flags") or []
+        if required and not (cpu_flags() & set(required)):
+            request.say(f"warning: the INT8 graph was chosen for a CPU with {', '.join(required)}, which this CPU lacks: "
+                        "it runs, but may be slower than fp32 here (re-export with --int8 on this kind of CPU)")
+    engine = find_artifact(manifest, "tensorrt", precision, entry.int8_target)
+    profiles = engine["profiles"] if engine is not None else [
+        {"min": lo, "opt": opt, "max": hi} for lo, opt, hi in default_profiles(manifest["batch"]["min"], manifest["batch"]["max"])]
+    return OrtBackend(artifact_path(request.folder, artifact), entry.name.removeprefix("ort-"), threads=request.threads,
+                      precision=precision, max_batch=manifest["batch"]["max"], trt_profiles=profiles,
+                      input_shape=manifest["input"]["shape"], **request.graphs())
 
 
 class OrtBackend(Backend):

@@ -8,11 +8,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitdeploy.backends.base import Backend
+from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph
 from vitdeploy.errors import VitDeployError
 from vitdeploy.precision import DTYPES
 from vitdeploy.preprocess import Preprocess, Preprocessing
+
+
+def probe(_entry: Any) -> tuple[bool, str]:
+    """Always usable: PyTorch is the reference; says whether it has a GPU."""
+    return True, f"torch {torch.__version__} on {'CUDA and CPU' if torch.cuda.is_available() else 'CPU only'}"
+
+
+def open_for(_entry: Any, request: OpenRequest) -> TorchBackend:
+    """The training checkpoint the manifest records, on the GPU when there is one."""
+    from vitdeploy.checkpoint import load_checkpoint
+    from vitdeploy.manifest import recorded_checkpoint
+    from vitdeploy.models import model_from_checkpoint
+
+    path = recorded_checkpoint(request.manifest, request.checkpoint, "the pytorch backend needs the training weights")
+    _spec, model = model_from_checkpoint(load_checkpoint(path), str(path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if request.threads and device == "cpu":
+        torch.set_num_threads(request.threads)
+    return TorchBackend(model, Preprocessing.from_dict(request.manifest["preprocessing"]), device, request.precision,
+                        request.compile, **request.graphs())
 
 
 class TorchBackend(Backend):

@@ -22,10 +22,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitdeploy.backends.base import Backend
+from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph
 from vitdeploy.errors import VitDeployError
+from vitdeploy.manifest import artifact_path
 from vitdeploy.tensorrt_runtime import choose_profile, deserialize, import_tensorrt
+
+
+def probe(_entry: Any) -> tuple[bool, str]:
+    """Usable where TensorRT imports and there is a CUDA GPU."""
+    try:
+        trt = import_tensorrt()
+    except VitDeployError:
+        return False, "TensorRT is not installed; pip install 'vitdeploy[trt]' on a machine with an NVIDIA GPU"
+    if not torch.cuda.is_available():
+        return False, f"TensorRT {trt.__version__} is installed but there is no CUDA GPU"
+    return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
+
+
+def open_for(_entry: Any, request: OpenRequest) -> TrtBackend:
+    """The request's engine, checked against the TensorRT version and GPU it was built for when activated."""
+    return TrtBackend(artifact_path(request.folder, request.artifact), request.artifact, **request.graphs())
 
 
 class TrtBackend(Backend):

@@ -16,13 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, run_batches
-from vitdeploy.backends.factory import (
-    BACKENDS,
-    GRAPH_BACKENDS,
-    model_input,
-    open_backend,
-)
+from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
@@ -30,7 +26,6 @@ from vitdeploy.manifest import read_manifest
 from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
 from vitdeploy.versions import (
     SIMD_FLAGS,
-    backend_statuses,
     cpu_flags,
     cpu_name,
     cuda_devices,
@@ -69,9 +64,7 @@ class BenchOptions:
     cuda_graph: bool = False
 
     def validate(self, manifest: dict[str, Any]) -> None:
-        unknown = [b for b in self.backends if b not in (*BACKENDS, "all")]
-        if unknown:
-            raise VitDeployError(f"unknown backend {unknown[0]!r}; choose from all, {', '.join(BACKENDS)}")
+        registry.parse_backends(",".join(self.backends))  # each name known
         bad = [p for p in self.precisions if p not in TOLERANCES]
         if bad:
             raise VitDeployError(f"unknown precision {bad[0]!r}; choose from {', '.join(TOLERANCES)}")
@@ -89,10 +82,9 @@ class BenchOptions:
         if not self.modes or any(m not in MODES for m in self.modes):
             raise VitDeployError(f"--mode must be one of {', '.join(MODES)} or both")
         if self.cuda_graph:
-            cpu_only = [b for b in self.backends if b not in (*GRAPH_BACKENDS, "all")
-                        or (b == "pytorch" and not torch.cuda.is_available())]
+            cpu_only = [b for b in self.backends if b != "all" and not registry.get(b).cuda_graph_here()]
             if cpu_only:
-                raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(GRAPH_BACKENDS)}; "
+                raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(registry.GRAPH_BACKENDS)}; "
                                      f"{cpu_only[0]} cannot use one here (leave it out, or drop --cuda-graph)")
 
     def sizes(self, manifest: dict[str, Any]) -> tuple[int, ...]:
@@ -112,30 +104,26 @@ class BenchOptions:
 def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(precisions to run, reasons for the asked ones that cannot run) for backend `name`.
 
-    Without `asked`: pytorch runs fp32, plus fp16 and bf16 on a GPU; ort-cpu every exported
-    ONNX precision (INT8: the CPU graph); ort-cuda every one but INT8; trt every engine.
+    Without `asked`: every precision the backend runs here (see `backends.registry`) that the
+    artifacts hold; the pytorch backend runs the checkpoint, so fp32, plus fp16 and bf16 on a GPU.
     """
-    cuda = torch.cuda.is_available()
-    if name == "pytorch":
-        natural = ["fp32", "fp16", "bf16"] if cuda else ["fp32"]
-        if not asked:
-            return natural, []
-        why = {"int8": "pytorch has no INT8 path (INT8 runs on ort-cpu, ort-trt and trt)"}
-        return [p for p in asked if p in natural], [why.get(p, f"pytorch {p}: needs a CUDA GPU") for p in asked if p not in natural]
-    kind = "tensorrt" if name == "trt" else "onnx"
-    exported = list(dict.fromkeys(a["precision"] for a in manifest["artifacts"] if a["kind"] == kind))
-    if name == "ort-cuda":
-        exported = [p for p in exported if p != "int8"]
+    entry = registry.get(name)
+    runnable = list(entry.precisions_here())
+    if entry.kind != "checkpoint":
+        exported = {a["precision"] for a in manifest["artifacts"] if a["kind"] == entry.kind}
+        runnable = [p for p in runnable if p in exported]
     if not asked:
-        return exported, []
-    fixes = {"tensorrt": "re-export with --trt", "fp16": "re-export with --fp16", "int8": "re-export with --int8"}
+        return runnable, []
+    fix = "re-export with --trt" if entry.kind == "tensorrt" else {"fp16": "re-export with --fp16",
+                                                                    "int8": "re-export with --int8"}
     reasons = []
     for p in asked:
-        if p == "int8" and name == "ort-cuda":
-            reasons.append("ort-cuda int8: ONNX Runtime's CUDA provider runs these quantized graphs no faster than fp16")
-        elif p not in exported:
-            reasons.append(f"{name} {p}: the artifacts have no {kind} {p} model ({fixes.get(kind if kind == 'tensorrt' else p, 're-export')})")
-    return [p for p in asked if p in exported], reasons
+        if p not in entry.precisions_here():
+            reasons.append(entry.why_not(p))
+        elif p not in runnable:
+            hint = fix if isinstance(fix, str) else fix.get(p, "re-export")
+            reasons.append(f"{name} {p}: the artifacts have no {entry.kind} {p} model ({hint})")
+    return [p for p in asked if p in runnable], reasons
 
 
 def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
@@ -143,9 +131,9 @@ def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[st
 
     With `all`, a backend that cannot run here is skipped; named explicitly, it is an error.
     """
-    statuses = {s.name: s for s in backend_statuses()}
     explicit = "all" not in options.backends
-    names = options.backends if explicit else BACKENDS
+    names = tuple(dict.fromkeys(options.backends)) if explicit else registry.NAMES
+    statuses = {s.name: s for s in registry.statuses(names)}
     runs, skipped = [], []
     for name in dict.fromkeys(names):
         status = statuses[name]
@@ -162,11 +150,6 @@ def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[st
     if not runs:
         raise VitDeployError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
     return runs, skipped
-
-
-def device_mode_here(name: str) -> bool:
-    """Whether backend `name` can be timed with its inputs already on the device, on this machine."""
-    return name in ("trt", "ort-cuda", "ort-trt") or (name == "pytorch" and torch.cuda.is_available())
 
 
 def rotation(images: np.ndarray, batch_size: int, count: int = ROTATION) -> list[np.ndarray]:
@@ -198,13 +181,13 @@ def run_bench(options: BenchOptions, say: Say = print,
     options.validate(manifest)
     runs, skipped = plan(manifest, options)
     if options.modes == ("device",):  # refused before the parity pass, not after it with an empty table
-        hostless = [(n, p) for n, p in runs if not device_mode_here(n)]
+        hostless = [(n, p) for n, p in runs if not registry.get(n).device_mode_here()]
         skipped += [{"backend": n, "reason": f"{n} {p}: no device mode here (its inputs live on the host)"}
                     for n, p in hostless]
         runs = [r for r in runs if r not in hostless]
         if not runs:
             raise VitDeployError("--mode device times inputs already on a GPU, and no backend to bench here has a device "
-                                 "mode (ort-cpu and pytorch on the CPU run from host memory); use --mode end-to-end")
+                                 "mode (the CPU backends run from host memory); use --mode end-to-end")
     for s in skipped:
         say(f"skipped {s['backend']}: {s['reason']}")
 
@@ -218,7 +201,7 @@ def run_bench(options: BenchOptions, say: Say = print,
         f"{', '.join(map(str, batch_sizes))}")
 
     def open_(name: str, precision: str, compile: bool, graphs: bool = False) -> Backend:
-        graphs = graphs and name in GRAPH_BACKENDS and (name != "pytorch" or torch.cuda.is_available())
+        graphs = graphs and registry.get(name).cuda_graph_here()
         return open_backend(options.artifacts, manifest, name, precision, threads=options.threads, compile=compile,
                             checkpoint=options.checkpoint, cuda_graph=graphs, say=say)
 

@@ -26,6 +26,7 @@ import onnx
 import torch
 
 from vitdeploy import __version__, parity, tensorrt_runtime
+from vitdeploy.backends import registry
 from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
@@ -46,7 +47,7 @@ from vitdeploy.manifest import (
 )
 from vitdeploy.models import checkpoint_weights, model_from_checkpoint
 from vitdeploy.preprocess import Preprocess, Preprocessing
-from vitdeploy.versions import backend_statuses, cpu_flags, versions
+from vitdeploy.versions import cpu_flags, versions
 
 Say = Callable[[str], None]
 
@@ -283,7 +284,7 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
         artifacts: list[dict[str, Any]] = []
         failed: list[str] = []
 
-        ort_cuda = next(s for s in backend_statuses() if s.name == "ort-cuda").usable  # probed once, not per file
+        ort_cuda = registry.get("ort-cuda").probe()[0]  # probed once, not per file
 
         def verify_onnx(name: str, precision: str, external: list[str], extra: dict[str, Any] | None = None) -> None:
             path = staging / name

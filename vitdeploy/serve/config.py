@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitdeploy.backends import registry
 from vitdeploy.errors import VitDeployError
 
 MAX_BODY_MB = 1024.0
@@ -24,7 +25,7 @@ class ServeConfig:
     """Everything the server needs; `check` validates it against the artifact's manifest."""
 
     artifacts: Path
-    backend: str = "ort-cpu"
+    backend: str = registry.DEFAULT
     precision: str = "fp32"
     host: str = "127.0.0.1"
     port: int = 8000
