@@ -311,6 +311,8 @@ def _record(name: str, precision: str, mode: str, batch_size: int, described: di
         "device": described.get("device"),
         "threads": described.get("threads"),
         "compiled": described.get("compiled", False),
+        "inference_precision": described.get("inference_precision"),  # where the runtime has its own (openvino)
+        "int8_layers": described.get("int8_layers"),
         **timing,
         "accuracy_pct": metrics["accuracy_pct"],
         "reference_accuracy_pct": metrics["reference_accuracy_pct"],
