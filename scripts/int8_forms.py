@@ -71,7 +71,7 @@ def main() -> None:
             together = session.run(None, {name: batch8})[0][0]
             record["forms"][form]["batch_dependence_max_abs_dlogit"] = float(np.abs(alone - together).max())
         for size, batch in (("b1", batch8[:1]), ("b8", batch8)):
-            for repeat in range(3):  # alternated: drift hits every form alike
+            for _repeat in range(3):  # alternated: drift hits every form alike
                 for form, session in sessions.items():
                     record["forms"][form].setdefault(f"p50_ms_{size}", []).append(round(p50_ms(session, name, batch), 2))
     for form in record["forms"].values():

@@ -169,7 +169,7 @@ def test_predict_cli_matches_the_runtime(exported: Path, cifar_root: Path, tmp_p
         logits = backend.infer(images)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    for answer, p in zip(answers, probs):
+    for answer, p in zip(answers, probs, strict=False):
         assert len(answer["predictions"]) == 3
         assert answer["predictions"][0]["class_index"] == int(p.argmax())
         assert answer["predictions"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
@@ -279,7 +279,7 @@ def test_external_data_for_large_models(trained: Path, cifar_root: Path, tmp_pat
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     manifest = export_artifacts(ExportOptions(source=trained, out=tmp_path / "art", fp16=True, max_batch=8, data_dir=cifar_root,
                                               triton=tmp_path / "triton"), say=lambda _line: None)
-    for artifact, data in zip(manifest["artifacts"], ["model.onnx.data", "model_fp16.onnx.data"]):
+    for artifact, data in zip(manifest["artifacts"], ["model.onnx.data", "model_fp16.onnx.data"], strict=False):
         assert [e["path"] for e in artifact["external_data"]] == [data] and len(artifact["external_data"][0]["sha256"]) == 64
         assert artifact["status"] == "passed"
         assert (tmp_path / "art" / artifact["path"]).stat().st_size < 1_000_000  # the graph alone

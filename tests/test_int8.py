@@ -37,7 +37,7 @@ def test_manifest_records_both_int8_graphs(int8_art: Path) -> None:
     assert set(int8) == {"cpu", "tensorrt"}
     cpu, trt = int8["cpu"], int8["tensorrt"]
     assert cpu["int8"]["form"] == cpu_form(set())["form"] or cpu["int8"]["cpu_int8_flags"]  # the rule's choice, recorded
-    assert cpu["int8"]["backends"] == ["ort-cpu"] and trt["int8"]["backends"] == ["trt", "ort-trt"]
+    assert cpu["int8"]["backends"] == ["ort-cpu"] and trt["int8"]["backends"] == ["ort-trt", "trt", "openvino"]
     assert trt["int8"]["form"] == "qdq-s8-symmetric" and trt["tensorrt_preflight"]["ok"]
     assert cpu["tensorrt_preflight"] is None  # the CPU form is not meant for TensorRT
     calibration = trt["int8"]["calibration"]

@@ -79,7 +79,7 @@ def test_vitdeploy_checkpoint_as_weights(tmp_path: Path) -> None:
     torch.save(ckpt, tmp_path / "run.pt")
     model = build_model(spec)
     assert load_weights_file(model, spec, tmp_path / "run.pt").initialized == ()
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True))
     with pytest.raises(VitDeployError, match="checkpoint of vit_cifar_tiny, not vit_cifar_small; use --model vit_cifar_tiny"):
         load_weights_file(build_model(get_spec("vit_cifar_small")), get_spec("vit_cifar_small"), tmp_path / "run.pt")
 

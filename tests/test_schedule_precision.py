@@ -43,7 +43,7 @@ def test_warmup_then_cosine() -> None:
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert lrs[99] < 0.001 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[99] < 0.001 and all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     restored = WarmupCosine(torch.optim.AdamW([param], lr=1.0), 1.0, 100, 10)
     restored.load_state_dict({"step_count": 55})
     assert restored.lr == pytest.approx(lrs[55])

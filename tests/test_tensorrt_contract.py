@@ -274,8 +274,8 @@ def test_one_context_per_profile_sharing_one_memory_block(monkeypatch: pytest.Mo
         allocations: list[int] = []
         stream = SimpleNamespace(cuda_stream=77, synchronize=lambda: None)
         record = {"profiles": [{"min": 1, "opt": 1, "max": 1}, {"min": 2, "opt": 32, "max": 256}]}
-        backend = trt_backend.TrtBackend(tmp_path / "m.plan", record, stream_factory=lambda: stream,
-                                         allocate=lambda size: allocations.append(size) or SimpleNamespace(data_ptr=lambda: 1234))
+        backend = trt_backend.TrtBackend(tmp_path / "m.plan", record, stream_factory=lambda stream=stream: stream,
+                                         allocate=lambda size, seen=allocations: seen.append(size) or SimpleNamespace(data_ptr=lambda: 1234))
         backend.activate()
         assert len(engine.contexts) == 2
         for index, context in enumerate(engine.contexts):

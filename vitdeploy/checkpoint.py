@@ -43,24 +43,34 @@ def safe_load(path: Path, what: str = "weights file") -> Any:
         raise VitDeployError(f"{what} {path} is truncated or not a torch file ({exc}); use an intact file") from exc
 
 
-def resolve_checkpoint(source: Path) -> Path:
-    """A run folder means its best.pt (else last.pt); a file is taken as it is."""
+RUN_FOLDER_FILES = {  # which checkpoint a run folder means, by what it is wanted for
+    "deploy": ("best.pt", "last.pt"),  # export, the pytorch backend, explain, serve: the one chosen on validation
+    "resume": ("last.pt",),  # continuing the run: where it stopped
+}
+
+
+def resolve_checkpoint(source: Path, purpose: str = "deploy") -> Path:
+    """The checkpoint file `source` means: a file as it is; a run folder its file for `purpose`
+    (see RUN_FOLDER_FILES)."""
     source = Path(source)
     if source.is_dir():
-        for name in ("best.pt", "last.pt"):
+        names = RUN_FOLDER_FILES[purpose]
+        for name in names:
             if (source / name).is_file():
                 return source / name
-        raise VitDeployError(f"{source} holds no best.pt or last.pt; pass a run folder written by `vitdeploy train` or a checkpoint file")
+        raise VitDeployError(f"{source} holds no {' or '.join(names)}; pass a run folder written by `vitdeploy train` "
+                             "or a checkpoint file")
     if not source.exists():
         raise VitDeployError(f"{source} does not exist; pass a run folder or a checkpoint file")
     return source
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A vitdeploy checkpoint, validated by its format marker. A run folder means its last.pt."""
+    """A vitdeploy checkpoint, validated by its format marker. A run folder means its last.pt (the
+    checkpoint to resume from; `resolve_checkpoint` says which file other uses mean)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "last.pt"
+        path = resolve_checkpoint(path, "resume")
     data = safe_load(path, "checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise VitDeployError(f"{path} is not a vitdeploy checkpoint; pass a file written by `vitdeploy train`")

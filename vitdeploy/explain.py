@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import MANIFEST, read_manifest, recorded_checkpoint
-from vitdeploy.models import model_from_checkpoint
+from vitdeploy.models import load_model
 from vitdeploy.predictions import top_k as top_k_predictions
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.progress import Ticker
@@ -153,10 +152,9 @@ def load_explained_model(source: Path, checkpoint: Path | None = None) -> tuple[
     if (source / MANIFEST).is_file():
         path = recorded_checkpoint(read_manifest(source), checkpoint, "explain needs the PyTorch weights")
     else:
-        path = resolve_checkpoint(checkpoint or source)
-    loaded = load_checkpoint(path)
-    _spec, model = model_from_checkpoint(loaded, str(path))
-    return model.eval(), Preprocessing.from_dict(loaded["preprocessing"]), list(loaded["class_names"]), path
+        path = checkpoint or source
+    loaded = load_model(path)
+    return loaded.module, loaded.preprocessing, loaded.class_names, loaded.path
 
 
 def class_index(choice: str, class_names: list[str]) -> int:

@@ -11,10 +11,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import atomic_write_text, inside
+
+if TYPE_CHECKING:
+    from vitdeploy.preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
 FORMAT = "vitdeploy-manifest"
@@ -183,29 +186,79 @@ def validate_manifest(manifest: Any) -> None:
     if len(artifacts) > 64:
         raise VitDeployError("manifest lists more than 64 artifacts")
     for i, artifact in enumerate(artifacts):
-        where = f"artifacts[{i}]"
-        _choice(artifact, "kind", KINDS, where)
-        _choice(artifact, "precision", PRECISIONS, where)
-        _file(artifact, where)
-        external = artifact.get("external_data", [])
-        if not isinstance(external, list) or len(external) > 16:
-            raise VitDeployError(f"{where}.external_data must be a list of at most 16 files")
-        for j, record in enumerate(external):
-            _file(record, f"{where}.external_data[{j}]")
-        _choice(artifact, "status", ("passed", "failed"), where)
-        if artifact["precision"] == "int8":
-            _choice(_field(artifact, "int8", dict, where), "target", ("cpu", "tensorrt"), f"{where}.int8")
-        if artifact["kind"] == "tensorrt":
-            _field(artifact, "tensorrt_version", str, where)
-            _field(artifact, "compute_capability", str, where)
-            _field(artifact, "gpu", str, where)
-            profiles = _field(artifact, "profiles", list, where)
-            if not 1 <= len(profiles) <= 16:
-                raise VitDeployError(f"{where}.profiles must list 1 to 16 optimization profiles")
-            for j, profile in enumerate(profiles):
-                p_lo = _int(profile, "min", 1, MAX_BATCH, f"{where}.profiles[{j}]")
-                p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profiles[{j}]")
-                _int(profile, "opt", p_lo, p_hi, f"{where}.profiles[{j}]")
+        _artifact(artifact, f"artifacts[{i}]")
+
+
+def _artifact(artifact: Any, where: str) -> None:
+    """One artifact record: its file, external data, status, INT8 target and TensorRT build facts."""
+    _choice(artifact, "kind", KINDS, where)
+    _choice(artifact, "precision", PRECISIONS, where)
+    _file(artifact, where)
+    external = artifact.get("external_data", [])
+    if not isinstance(external, list) or len(external) > 16:
+        raise VitDeployError(f"{where}.external_data must be a list of at most 16 files")
+    for j, record in enumerate(external):
+        _file(record, f"{where}.external_data[{j}]")
+    _choice(artifact, "status", ("passed", "failed"), where)
+    if artifact["precision"] == "int8":
+        _choice(_field(artifact, "int8", dict, where), "target", ("cpu", "tensorrt"), f"{where}.int8")
+    if artifact["kind"] == "tensorrt":
+        _field(artifact, "tensorrt_version", str, where)
+        _field(artifact, "compute_capability", str, where)
+        _field(artifact, "gpu", str, where)
+        profiles = _field(artifact, "profiles", list, where)
+        if not 1 <= len(profiles) <= 16:
+            raise VitDeployError(f"{where}.profiles must list 1 to 16 optimization profiles")
+        for j, profile in enumerate(profiles):
+            p_lo = _int(profile, "min", 1, MAX_BATCH, f"{where}.profiles[{j}]")
+            p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profiles[{j}]")
+            _int(profile, "opt", p_lo, p_hi, f"{where}.profiles[{j}]")
+
+
+INPUT, OUTPUT = "input", "logits"  # the graph's tensor names, in every backend and file
+
+
+def input_spec(preprocessing: Preprocessing, preprocess_in_graph: bool) -> dict[str, Any]:
+    """The exact input contract, as the manifest states it: raw uint8 images at the source size
+    with the preprocessing in the graph, else float32 images preprocessed to the model's size."""
+    p, in_graph = preprocessing, preprocess_in_graph
+    size = p.source_size if in_graph else p.input_size
+    description = (f"raw {size}x{size} RGB images; the graph scales to [0,1], normalizes with mean/std and resizes "
+                   f"({p.resize_mode}) to {p.input_size} px" if in_graph else
+                   f"images already scaled to [0,1], normalized ((x - mean) / std) and resized to {size} px "
+                   f"({p.resize_mode}) per the manifest's preprocessing")
+    return {"name": INPUT, "dtype": "uint8" if in_graph else "float32", "shape": ["batch", 3, size, size],
+            "layout": "NCHW, RGB, 0..255" if in_graph else "NCHW, RGB", "preprocessing_in_graph": in_graph,
+            "description": description}
+
+
+def read_or_describe(source: Path, allow_checkpoint: bool, max_batch: int) -> dict[str, Any]:
+    """The manifest of an artifact folder; with `allow_checkpoint`, a run folder or checkpoint file
+    without a manifest is described the same way (for the pytorch backend, which runs it as it is)."""
+    source = Path(source)
+    if (source / MANIFEST).is_file() or not allow_checkpoint:
+        return read_manifest(source)
+    from vitdeploy.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    return describe_checkpoint(path, load_checkpoint(path), max_batch)
+
+
+def describe_checkpoint(path: Path, checkpoint: dict[str, Any], max_batch: int) -> dict[str, Any]:
+    """A manifest's model, preprocessing, input and batch fields for a training checkpoint that was
+    not exported: no artifacts, the batch range 1..`max_batch`."""
+    from vitdeploy.preprocess import Preprocessing
+
+    names = list(checkpoint["class_names"])
+    return {
+        "model": {"name": checkpoint["model_name"], "num_classes": len(names), "class_names": names,
+                  "source_checkpoint": {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}},
+        "preprocessing": checkpoint["preprocessing"],
+        "input": input_spec(Preprocessing.from_dict(checkpoint["preprocessing"]), True),
+        "batch": {"min": 1, "opt": min(32, max_batch), "max": max_batch},
+        "artifacts": [],
+    }
+
 
 def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None,
                   int8_target: str | None = None) -> dict[str, Any] | None:

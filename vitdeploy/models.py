@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torchvision.models.vision_transformer import VisionTransformer
 
-from vitdeploy.checkpoint import FORMAT, safe_load
+from vitdeploy.checkpoint import FORMAT, load_checkpoint, resolve_checkpoint, safe_load
 from vitdeploy.errors import VitDeployError
 from vitdeploy.preprocess import (
     CIFAR_MEAN,
@@ -330,3 +330,26 @@ def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> tuple[Mode
     kind, state = checkpoint_weights(checkpoint)
     load_exact_state(model, state, spec, source if kind == "model" else f"{source} (EMA weights)")
     return spec, model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's model ready to deploy: its deployed weights (the EMA where the run kept one)
+    in eval mode, with the preprocessing and class names it was trained with."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+    spec: ModelSpec
+    module: VisionTransformer
+    preprocessing: Preprocessing
+    class_names: list[str]
+
+
+def load_model(source: Path) -> LoadedModel:
+    """The model of a checkpoint file or run folder (its best.pt, else last.pt): the one loading
+    path of export, the pytorch backend, explain and serve."""
+    path = resolve_checkpoint(source, "deploy")
+    checkpoint = load_checkpoint(path)
+    spec, model = model_from_checkpoint(checkpoint, str(path))
+    return LoadedModel(path, checkpoint, spec, model.eval(), Preprocessing.from_dict(checkpoint["preprocessing"]),
+                       list(checkpoint["class_names"]))

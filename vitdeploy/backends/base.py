@@ -70,7 +70,7 @@ class Backend(ABC):
         """Run a staged batch and wait until the device has finished."""
         raise NotImplementedError(f"{self.name} has no device mode")
 
-    def deactivate(self) -> None:
+    def deactivate(self) -> None:  # noqa: B027 - optional: a backend that holds nothing releases nothing
         """Release what `activate` took; the default has nothing to release."""
 
     def describe(self) -> dict[str, Any]:

@@ -22,12 +22,11 @@ def probe(_entry: Any) -> tuple[bool, str]:
 
 def open_for(_entry: Any, request: OpenRequest) -> TorchBackend:
     """The training checkpoint the manifest records, on the GPU when there is one."""
-    from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.manifest import recorded_checkpoint
-    from vitdeploy.models import model_from_checkpoint
+    from vitdeploy.models import load_model
 
     path = recorded_checkpoint(request.manifest, request.checkpoint, "the pytorch backend needs the training weights")
-    _spec, model = model_from_checkpoint(load_checkpoint(path), str(path))
+    model = load_model(path).module
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if request.threads and device == "cpu":
         torch.set_num_threads(request.threads)

@@ -5,10 +5,11 @@ test images, and their latency and throughput per batch size and input mode."""
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -179,38 +180,52 @@ def run_bench(options: BenchOptions, say: Say = print,
     run keeps what it measured."""
     manifest = read_manifest(options.artifacts)
     options.validate(manifest)
-    runs, skipped = plan(manifest, options)
-    if options.modes == ("device",):  # refused before the parity pass, not after it with an empty table
-        hostless = [(n, p) for n, p in runs if not registry.get(n).device_mode_here()]
-        skipped += [{"backend": n, "reason": f"{n} {p}: no device mode here (its inputs live on the host)"}
-                    for n, p in hostless]
-        runs = [r for r in runs if r not in hostless]
-        if not runs:
-            raise VitDeployError("--mode device times inputs already on a GPU, and no backend to bench here has a device "
-                                 "mode (the CPU backends run from host memory); use --mode end-to-end")
+    runs, skipped = _device_mode_plan(*plan(manifest, options), options.modes)
     for s in skipped:
         say(f"skipped {s['backend']}: {s['reason']}")
-
     data_dir = options.data_dir or Path(manifest.get("parity_data", {}).get("data_dir", "data"))
     test = load_test(data_dir)
     n = min(options.limit or len(test), len(test))
     images, labels = test.images[:n].numpy(), test.labels[:n].numpy()
     batch_sizes = options.sizes(manifest)
-    eval_batch = max(batch_sizes)
     say(f"accuracy and parity on {n} CIFAR-10 test images from {data_dir}; timing batch sizes "
         f"{', '.join(map(str, batch_sizes))}")
+    bench = _Bench(options, manifest, images, labels, batch_sizes, say)
+    with bench.open("pytorch", "fp32", compile=False) as reference:  # always eager fp32, without graphs
+        ref_logits = run_batches(reference, images, bench.eval_batch, say, "reference pytorch fp32:")
+    report = _new_report(options, manifest, data_dir, n, bench.eval_batch, skipped)
+    for name, precision in runs:
+        for kind, entry in bench.measure(name, precision, ref_logits):
+            report[kind].append(entry)
+            if progress is not None and kind == "records":
+                progress(report)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    _add_speedups(report["records"])
+    report["complete"] = True
+    report["passed"] = all(p["passed"] for p in report["parity"])
+    return report
 
-    def open_(name: str, precision: str, compile: bool, graphs: bool = False) -> Backend:
-        graphs = graphs and registry.get(name).cuda_graph_here()
-        return open_backend(options.artifacts, manifest, name, precision, threads=options.threads, compile=compile,
-                            checkpoint=options.checkpoint, cuda_graph=graphs, say=say)
 
-    with open_("pytorch", "fp32", compile=False) as reference:  # the reference is always eager fp32, without graphs
-        ref_logits = run_batches(reference, images, eval_batch, say, "reference pytorch fp32:")
+def _device_mode_plan(runs: list[tuple[str, str]], skipped: list[dict[str, str]],
+                      modes: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """With --mode device alone, the runs without a device mode here move to the skipped ones
+    (refused before the parity pass, not after it with an empty table)."""
+    if modes != ("device",):
+        return runs, skipped
+    hostless = [(n, p) for n, p in runs if not registry.get(n).device_mode_here()]
+    kept = [r for r in runs if r not in hostless]
+    if not kept:
+        raise VitDeployError("--mode device times inputs already on a GPU, and no backend to bench here has a device "
+                             "mode (the CPU backends run from host memory); use --mode end-to-end")
+    return kept, skipped + [{"backend": n, "reason": f"{n} {p}: no device mode here (its inputs live on the host)"}
+                            for n, p in hostless]
 
-    records: list[dict[str, Any]] = []
-    parity: list[dict[str, Any]] = []
-    report = {
+
+def _new_report(options: BenchOptions, manifest: dict[str, Any], data_dir: Path, n: int, eval_batch: int,
+                skipped: list[dict[str, str]]) -> dict[str, Any]:
+    return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -226,56 +241,77 @@ def run_bench(options: BenchOptions, say: Say = print,
         },
         "environment": environment(),
         "skipped": skipped,
-        "parity": parity,
-        "records": records,
+        "parity": [],
+        "records": [],
         "complete": False,
         "passed": True,
     }
-    for name, precision in runs:
-        opened = time.perf_counter()
-        with open_(name, precision, compile=options.compile and name == "pytorch", graphs=options.cuda_graph) as backend:
-            loaded = {"load_s": round(time.perf_counter() - opened, 3)}  # reading the file, session or engine set-up
-            described = backend.describe()
-            loaded.update(_artifact(manifest, described))
-            if (name, precision) == ("pytorch", "fp32") and not options.compile and not options.cuda_graph:
-                logits = ref_logits  # it is the reference
-            else:
-                logits = run_batches(backend, model_input(manifest, images, name), eval_batch, say, f"{name} {precision} parity:")
-            metrics = compare(ref_logits, logits, labels, options.tolerance(precision))
-            parity.append({"backend": name, "precision": precision, **metrics})
-            say(f"{name} {precision}: {describe(metrics)}")
-            def end_to_end(batch: np.ndarray, backend: Backend = backend, name: str = name) -> np.ndarray:
-                return backend.infer(model_input(manifest, batch, name))  # host preprocessing counted
 
-            for batch_size in batch_sizes:
-                batches = rotation(images, batch_size)
-                for mode in options.modes:
-                    if mode == "device" and not backend.device_mode:
-                        continue
-                    if mode == "device":
-                        staged = [backend.stage(model_input(manifest, b, name)) for b in batches]
-                        timing = measure(backend.run_staged, staged, options.policy)
-                    else:
-                        timing = measure(end_to_end, batches, options.policy)
-                    record = _record(name, precision, mode, batch_size, described, timing.summary(batch_size), metrics)
-                    record.update(_ran(backend.describe()), **loaded, process_peak_rss_mib=peak_rss_mib())
-                    records.append(record)
-                    if progress is not None:
-                        progress(report)
-                    say(f"{name} {precision} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
-                        f"{record['images_per_s']:,.1f} images/s ({record['iterations']} iterations"
-                        f"{', capped by --max-seconds' if record['capped_by_max_seconds'] else ''})")
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
-    for record in records:  # against PyTorch fp32 in the same mode and batch size, where it was measured
+def _add_speedups(records: list[dict[str, Any]]) -> None:
+    """Each record's images/s over PyTorch fp32's in the same mode and batch size, where that was measured."""
+    for record in records:
         base = next((r for r in records if (r["backend"], r["precision"], r["mode"], r["batch_size"])
                      == ("pytorch", "fp32", record["mode"], record["batch_size"])), None)
         record["speedup_vs_pytorch_fp32"] = round(record["images_per_s"] / base["images_per_s"], 3) if base else None
-    report["complete"] = True
-    report["passed"] = all(p["passed"] for p in parity)
-    return report
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """One bench run's fixed inputs: how to open a backend, and the measurement of one backend x precision."""
+
+    options: BenchOptions
+    manifest: dict[str, Any]
+    images: np.ndarray
+    labels: np.ndarray
+    batch_sizes: tuple[int, ...]
+    say: Say
+
+    @property
+    def eval_batch(self) -> int:
+        return max(self.batch_sizes)
+
+    def open(self, name: str, precision: str, compile: bool, graphs: bool = False) -> Backend:
+        o = self.options
+        return open_backend(o.artifacts, self.manifest, name, precision, threads=o.threads, compile=compile,
+                            checkpoint=o.checkpoint, cuda_graph=graphs and registry.get(name).cuda_graph_here(),
+                            say=self.say)
+
+    def measure(self, name: str, precision: str, ref_logits: np.ndarray) -> Iterator[tuple[str, dict[str, Any]]]:
+        """("parity", its parity entry) first, then ("records", one record) per batch size and mode, as each is measured."""
+        o, say = self.options, self.say
+        opened = time.perf_counter()
+        with self.open(name, precision, compile=o.compile and name == "pytorch", graphs=o.cuda_graph) as backend:
+            loaded = {"load_s": round(time.perf_counter() - opened, 3)}  # reading the file, session or engine set-up
+            described = backend.describe()
+            loaded.update(_artifact(self.manifest, described))
+            if (name, precision) == ("pytorch", "fp32") and not o.compile and not o.cuda_graph:
+                logits = ref_logits  # it is the reference
+            else:
+                logits = run_batches(backend, model_input(self.manifest, self.images, name), self.eval_batch, say,
+                                     f"{name} {precision} parity:")
+            metrics = compare(ref_logits, logits, self.labels, o.tolerance(precision))
+            say(f"{name} {precision}: {describe(metrics)}")
+            yield "parity", {"backend": name, "precision": precision, **metrics}
+            for batch_size, mode in itertools.product(self.batch_sizes, o.modes):
+                if mode == "device" and not backend.device_mode:
+                    continue
+                record = _record(name, precision, mode, batch_size, described, self._time(backend, name, mode, batch_size),
+                                 metrics)
+                record.update(_ran(backend.describe()), **loaded, process_peak_rss_mib=peak_rss_mib())
+                say(f"{name} {precision} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
+                    f"{record['images_per_s']:,.1f} images/s ({record['iterations']} iterations"
+                    f"{', capped by --max-seconds' if record['capped_by_max_seconds'] else ''})")
+                yield "records", record
+
+    def _time(self, backend: Backend, name: str, mode: str, batch_size: int) -> dict[str, Any]:
+        """Timing summary of `backend` on rotating real batches: end-to-end counts host preprocessing."""
+        batches = rotation(self.images, batch_size)
+        if mode == "device":
+            staged = [backend.stage(model_input(self.manifest, b, name)) for b in batches]
+            return measure(backend.run_staged, staged, self.options.policy).summary(batch_size)
+        return measure(lambda batch: backend.infer(model_input(self.manifest, batch, name)), batches,
+                       self.options.policy).summary(batch_size)
 
 
 def _artifact(manifest: dict[str, Any], described: dict[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,10 @@ from torch import nn
 
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export.trt_compat import save_graph
+from vitdeploy.manifest import INPUT, OUTPUT
 from vitdeploy.preprocess import Preprocess, Preprocessing
 
 OPSET = 18  # native LayerNormalization; below 23, so no ONNX Attention op
-INPUT, OUTPUT = "input", "logits"
 EXTERNAL_DATA_BYTES = 1 << 30  # above 1 GiB of weights, store them beside the graph (protobuf caps at 2 GB)
 
 
@@ -37,25 +37,6 @@ class InferenceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(images))
-
-
-def input_spec(preprocessing: Preprocessing, preprocess_in_graph: bool) -> dict[str, Any]:
-    """The exact input contract, as the manifest states it."""
-    if preprocess_in_graph:
-        size = preprocessing.source_size
-        return {
-            "name": INPUT, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB, 0..255",
-            "preprocessing_in_graph": True,
-            "description": f"raw {size}x{size} RGB images; the graph scales to [0,1], normalizes with mean/std and "
-                           f"resizes ({preprocessing.resize_mode}) to {preprocessing.input_size} px",
-        }
-    size = preprocessing.input_size
-    return {
-        "name": INPUT, "dtype": "float32", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB",
-        "preprocessing_in_graph": False,
-        "description": f"images already scaled to [0,1], normalized ((x - mean) / std) and resized to {size} px "
-                       f"({preprocessing.resize_mode}) per the manifest's preprocessing",
-    }
 
 
 def example_input(preprocessing: Preprocessing, preprocess_in_graph: bool, batch: int) -> torch.Tensor:

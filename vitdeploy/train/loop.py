@@ -43,9 +43,9 @@ from vitdeploy.models import (
     build_model,
     get_spec,
     load_exact_state,
+    load_model,
     load_pretrained,
     load_weights_file,
-    model_from_checkpoint,
 )
 from vitdeploy.precision import DTYPES
 from vitdeploy.preprocess import Preprocess, Preprocessing, epoch_permutation
@@ -249,6 +249,35 @@ class _Run:
         self.local_batch = config.batch_size // dist.world_size
         self.precision = choose_precision(self.device, config.precision)
         self.preprocessing: Preprocessing = self.spec.preprocessing()
+        self._init_data()
+        torch.manual_seed(config.seed)
+        self.model = build_model(self.spec, len(self.class_names))
+        if resume is None:
+            self._load_initial_weights()
+        else:
+            load_exact_state(self.model, resume["model"], self.spec, "the checkpoint to resume")
+        self.model.to(self.device)
+        wrapped = self.model
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward_model = torch.compile(wrapped) if config.compile else wrapped
+        self.optimizer = build_optimizer(
+            self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers, fused=self.device.type == "cuda"
+        )
+        self.schedule = WarmupCosine(self.optimizer, config.lr, self.total_steps, round(config.warmup_frac * self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.ema = self._ema(resume)
+        self.progress = self._restore(resume)
+        self.step_ctx = StepContext(
+            self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
+            config.grad_accum, config.grad_clip, config.label_smoothing, ddp=dist.active,
+        )
+
+    def _init_data(self) -> None:
+        """The splits on the device (training with its augmenter), the step counts, the class names."""
+        config = self.config
         splits = load_splits(Path(config.data_dir), config.val_size, config.seed, config.subset, config.download, config.test_size)
         self.class_names = splits.class_names
         self.steps_per_epoch = len(splits.train) // config.batch_size
@@ -268,49 +297,34 @@ class _Run:
         self.test_data = DeviceData(splits.test, preprocess, self.device) if splits.test is not None else None
         self.eval_batch_size = config.eval_batch_size or config.batch_size
 
-        torch.manual_seed(config.seed)
-        self.model = build_model(self.spec, len(self.class_names))
-        if resume is None:
-            self._load_initial_weights()
-        else:
-            load_exact_state(self.model, resume["model"], self.spec, "the checkpoint to resume")
-        self.model.to(self.device)
-        wrapped = self.model
-        if dist.active:
-            from torch.nn.parallel import DistributedDataParallel
-
-            wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.forward_model = torch.compile(wrapped) if config.compile else wrapped
-        self.optimizer = build_optimizer(
-            self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers, fused=self.device.type == "cuda"
-        )
-        self.schedule = WarmupCosine(self.optimizer, config.lr, self.total_steps, round(config.warmup_frac * self.total_steps))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.ema = None
-        if config.ema:
-            decay = config.ema_decay or default_decay(self.total_steps)
-            if resume is not None and isinstance(resume.get("ema"), dict) and isinstance(resume["ema"].get("decay"), float):
-                decay = resume["ema"]["decay"]  # the decay the run started with, also when --epochs grows
-            self.ema = WeightEMA(self.model, decay)
-            if resume is not None:
-                self.ema.load_state_dict(resume.get("ema"), self.spec, "the checkpoint to resume")
-        self.progress = RunPosition()
+    def _ema(self, resume: dict[str, Any] | None) -> WeightEMA | None:
+        """The EMA of the weights when the run keeps one (the decay it started with, when resumed)."""
+        config = self.config
+        if not config.ema:
+            return None
+        decay = config.ema_decay or default_decay(self.total_steps)
+        if resume is not None and isinstance(resume.get("ema"), dict) and isinstance(resume["ema"].get("decay"), float):
+            decay = resume["ema"]["decay"]  # the decay the run started with, also when --epochs grows
+        ema = WeightEMA(self.model, decay)
         if resume is not None:
-            try:
-                self.optimizer.load_state_dict(resume["optimizer"])
-                self.schedule.load_state_dict(resume["scheduler"])
-                self.scaler.load_state_dict(resume["scaler"])
-                self.progress = RunPosition(**resume["progress"])
-                torch.set_rng_state(resume["rng"]["torch"])
-                if self.device.type == "cuda" and resume["rng"].get("cuda"):
-                    torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise VitDeployError(f"the checkpoint to resume is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
-                                     "resume from another checkpoint of the run (checkpoints/epoch-*.pt)") from None
-        self.step_ctx = StepContext(
-            self.forward_model, self.optimizer, self.scaler, self.device, self.precision,
-            config.grad_accum, config.grad_clip, config.label_smoothing, ddp=dist.active,
-        )
+            ema.load_state_dict(resume.get("ema"), self.spec, "the checkpoint to resume")
+        return ema
+
+    def _restore(self, resume: dict[str, Any] | None) -> RunPosition:
+        """Optimizer, schedule, scaler and RNG states from the checkpoint; the position it reached."""
+        if resume is None:
+            return RunPosition()
+        try:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.schedule.load_state_dict(resume["scheduler"])
+            self.scaler.load_state_dict(resume["scaler"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            if self.device.type == "cuda" and resume["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            return RunPosition(**resume["progress"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise VitDeployError(f"the checkpoint to resume is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
+                                 "resume from another checkpoint of the run (checkpoints/epoch-*.pt)") from None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -518,8 +532,7 @@ class _Run:
             final = self.evaluate(self.eval_model, self.test_data)
             best = final
             if prog.best_step != prog.step and (self.out / "best.pt").is_file():
-                _spec, best_model = model_from_checkpoint(load_checkpoint(self.out / "best.pt"), str(self.out / "best.pt"))
-                best = self.evaluate(best_model.to(self.device), self.test_data)
+                best = self.evaluate(load_model(self.out / "best.pt").module.to(self.device), self.test_data)
             if self.ema is not None:
                 raw = self.evaluate(self.model, self.test_data)
             self.log({"type": "test", "step": prog.step, "final_test_acc": final["acc"], "best_test_acc": best["acc"]})
