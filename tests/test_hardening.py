@@ -328,11 +328,9 @@ def test_head_health_and_error_bodies(client_app: Any) -> None:
 
 def test_500s_are_counted(exported: Path, picture: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
     with serve_client(artifacts=exported, max_batch=8) as client:
-        from vitdeploy.serve import (
-            app as app_module,  # importable: serve_client skips without the serve extra
-        )
+        from vitdeploy.serve import service  # importable: serve_client skips without the serve extra
 
-        monkeypatch.setattr(app_module.predictions, "top_k", lambda *_a: 1 / 0)
+        monkeypatch.setattr(service.predictions, "top_k", lambda *_a: 1 / 0)
         assert client.post("/v1/predict", content=png(picture)).status_code == 500
         metrics = client.get("/metrics").text
     assert 'vitdeploy_requests_total{endpoint="/v1/predict",status="500"} 1.0' in metrics

@@ -1,4 +1,5 @@
-"""Python as on the lent GPU machine: the serve extra's packages cannot be imported.
+"""Python as on the lent GPU machine: the serve extra's packages (and OpenVINO, which it
+lacks too) cannot be imported.
 
 Put this folder first on PYTHONPATH (Python imports `sitecustomize` at start-up) to run a
 command the way `scripts/gpu_check.sh` runs there (`../shared/GPU.md`: no fastapi,
@@ -15,7 +16,7 @@ import sys
 from importlib import metadata
 from importlib.abc import MetaPathFinder
 
-ABSENT = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "multipart", "python_multipart"}
+ABSENT = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "multipart", "python_multipart", "openvino"}
 try:
     if any(r.split(";")[0].strip().startswith("pydantic") for r in metadata.requires("typer") or ()):
         ABSENT -= {"pydantic", "pydantic_core"}
