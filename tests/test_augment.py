@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from vitdeploy.models import get_spec
-from vitdeploy.preprocess import Preprocess, sample_uniforms
+from vitdeploy.preprocess import Preprocess
 from vitdeploy.train.augment import (
     OP_NAMES,
     Augmenter,
@@ -21,6 +21,7 @@ from vitdeploy.train.augment import (
     trivial_params,
 )
 from vitdeploy.train.ema import WeightEMA, default_decay
+from vitdeploy.train.sampling import sample_uniforms
 
 LONG = AugmentSettings(crop_padding=4, augment="trivial", erase_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, fill=(125, 123, 114))
 

@@ -117,3 +117,28 @@ def test_train_refuses_an_unknown_recipe_and_a_test_size_beyond_the_set(cifar_ro
     result = run_cli(*TRAIN, "--data-dir", str(cifar_root), "--test-size", "51", "--out", str(tmp_path / "run"))
     assert_one_line_error(result, "--test-size must be between 0 (no test pass) and 50")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_help_shows_the_config_defaults() -> None:
+    """The CLI must not load torch to print its help, so `train`'s help states some defaults as text;
+    each such number is TrainConfig's own default (checked here, so the two cannot drift)."""
+    import dataclasses
+    import typing
+
+    from vitdeploy import cli
+    from vitdeploy.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(cli.train, include_extras=True)
+    checked = 0
+    for name, hint in hints.items():
+        info = next((m for m in getattr(hint, "__metadata__", ()) if hasattr(m, "show_default")), None)
+        shown = getattr(info, "show_default", None)
+        if isinstance(shown, str) and name in defaults:
+            try:
+                number = float(shown.replace(",", ""))
+            except ValueError:
+                continue  # a description ("the recipe's"), not a number
+            assert number == defaults[name], (name, shown, defaults[name])
+            checked += 1
+    assert checked >= 10

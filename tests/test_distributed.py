@@ -21,7 +21,7 @@ from vitdeploy.data import ImageSet
 from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess
 from vitdeploy.train import distributed
-from vitdeploy.train.loop import DeviceData, evaluate
+from vitdeploy.train.step import DeviceData, evaluate
 
 TRAIN = ["train", "--model", "vit_cifar_tiny", "--device", "cpu", "--epochs", "2", "--batch-size", "16",
          "--val-size", "41", "--subset", "137", "--log-every", "1", "--crop-padding", "4"]  # augmentation on

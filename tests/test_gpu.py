@@ -13,8 +13,8 @@ from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess
 from vitdeploy.train import TrainConfig, run_training
 from vitdeploy.train.augment import Augmenter, AugmentSettings
-from vitdeploy.train.loop import DeviceData, evaluate
 from vitdeploy.train.precision import choose_precision, native_bf16
+from vitdeploy.train.step import DeviceData, evaluate
 
 pytestmark = pytest.mark.gpu
 

@@ -14,10 +14,8 @@ from vitdeploy.preprocess import (
     IMAGENET_STD,
     Preprocess,
     Preprocessing,
-    augment_params,
-    epoch_permutation,
-    random_crop_flip,
 )
+from vitdeploy.train.sampling import augment_params, epoch_permutation, random_crop_flip
 
 
 def bilinear_reference(image: np.ndarray, size: int) -> np.ndarray:

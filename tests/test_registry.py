@@ -8,6 +8,7 @@ import re
 import pytest
 
 from tests.conftest import run_cli
+from vitdeploy import choices
 from vitdeploy.backends import registry
 from vitdeploy.errors import VitDeployError
 
@@ -16,11 +17,11 @@ def test_every_entry_is_complete_and_names_are_unique() -> None:
     assert len(set(registry.NAMES)) == len(registry.NAMES) >= 6
     for entry in registry.BACKENDS:
         assert entry.kind in ("checkpoint", "onnx", "tensorrt"), entry
-        assert set(entry.precisions) <= set(registry.PRECISIONS), entry
+        assert set(entry.precisions) <= set(choices.PRECISIONS), entry
         assert entry.int8_target in (None, "cpu", "tensorrt"), entry
         assert ("int8" in entry.precisions) == (entry.int8_target is not None), entry
         assert entry.summary, entry
-        for precision in set(registry.PRECISIONS) - set(entry.precisions):
+        for precision in set(choices.PRECISIONS) - set(entry.precisions):
             assert entry.why_not(precision).startswith(entry.name), (entry.name, precision)
 
 

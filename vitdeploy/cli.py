@@ -15,20 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitdeploy import __version__
+from vitdeploy import __version__, choices
 from vitdeploy.backends import registry
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import check_output_dir, describe_os_error
-
-if TYPE_CHECKING:
-    from vitdeploy.train import TrainConfig
 
 app = typer.Typer(
     name="vitdeploy",
@@ -42,44 +39,24 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 _state = {"debug": False}
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(name: str, values: tuple[str, ...] | dict[str, str]) -> type[Enum]:
+    """A choice option's Enum, made from the library's own list (`vitdeploy.choices`, the backend registry)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+def _metavar(values: tuple[str, ...]) -> str:
+    return f"[{'|'.join(values)}]"
 
 
-class FP16Policy(str, Enum):
-    matmul = "matmul"
-    activations = "activations"
-
-
-class CalibMethod(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
-
-
-InferencePrecision = Enum("InferencePrecision", {p: p for p in ("auto", *registry.PRECISIONS)}, type=str)
-BACKEND_METAVAR = f"[{'|'.join(registry.NAMES)}]"
+Device = _choices("Device", choices.DEVICES)
+Precision = _choices("Precision", choices.TRAIN_PRECISIONS)
+FP16Policy = _choices("FP16Policy", choices.FP16_POLICIES)
+CalibMethod = _choices("CalibMethod", choices.CALIBRATION_METHODS)
+InferencePrecision = _choices("InferencePrecision", ("auto", *choices.PRECISIONS))
+Augment = _choices("Augment", choices.AUGMENTS)
+Source = _choices("Source", (*choices.THROUGHPUT_SOURCES, "both"))
+BACKEND_METAVAR = _metavar(registry.NAMES)
 BACKEND_HELP = "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS)
-
-
-class Augment(str, Enum):
-    none = "none"
-    trivial = "trivial"
-
-
-class Source(str, Enum):
-    real = "real"
-    synthetic = "synthetic"
-    both = "both"
 
 
 def _version(value: bool) -> None:
@@ -139,6 +116,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Pri
     convolutions, as torch's FlopCounterMode counts them).
     """
     from vitdeploy.models import REGISTRY, model_cost
+    from vitdeploy.train import TrainConfig
 
     rows = []
     for spec in REGISTRY.values():
@@ -151,7 +129,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Pri
             "gflops_per_image": round(gflops, 2),
             "pretrained_weights": list(spec.pretrained),
             "default_recipe": spec.default_recipe,
-            "recipes": {name: recipe.to_dict() for name, recipe in spec.recipes.items()},
+            "recipes": {name: TrainConfig.from_options(spec.name, name).recipe_values() for name in choices.RECIPES},
             "description": spec.description,
         })
     if as_json:
@@ -220,58 +198,26 @@ def train(
 
     Under `torchrun --nproc-per-node N -m vitdeploy train ...` it trains data-parallel
     (DistributedDataParallel: NCCL on GPUs, gloo on CPUs)."""
-    from vitdeploy.checkpoint import load_checkpoint
-    from vitdeploy.models import DEFAULT_MODEL
-    from vitdeploy.train import TrainConfig, run_dir_of, run_training, unfinished_run
+    options = {name: _plain(value) for name, value in locals().items() if name not in ("resume", "nproc_per_node")}
+    from vitdeploy.train import run_training
+    from vitdeploy.train.start import plan_start
 
-    options = {
-        "model": model, "data_dir": _str(data_dir), "download": download, "out": _str(out), "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay,
-        "label_smoothing": label_smoothing, "warmup_frac": warmup_frac, "grad_clip": grad_clip,
-        "grad_accum": grad_accum, "crop_padding": crop_padding, "augment": augment.value if augment else None,
-        "erase_prob": erase_prob, "mixup": mixup, "mixup_alpha": mixup_alpha, "cutmix": cutmix, "cutmix_alpha": cutmix_alpha,
-        "recipe": recipe, "ema": ema, "ema_decay": ema_decay, "val_size": val_size, "test_size": test_size, "test_each_epoch": test_each_epoch,
-        "subset": subset, "max_steps": max_steps, "seed": seed,
-        "device": device.value if device else None, "precision": precision.value if precision else None,
-        "compile": compile, "pretrained": pretrained, "pretrained_weights": pretrained_weights,
-        "weights": _str(weights), "log_every": log_every, "keep_checkpoints": keep_checkpoints,
-        "eval_batch_size": eval_batch_size,
-    }
-    config = None
-    if resume is not None and unfinished_run(resume):  # stopped before its first checkpoint: nothing to continue
-        console.print(f"{resume} was stopped before its first checkpoint: starting that run over with its settings")
-        options["out"] = options["out"] or str(resume)
-        config = _saved_config(resume / "config.json").resumed(options)
-        resume = None
-    if resume is not None:
-        checkpoint = load_checkpoint(resume)
-        run_dir = run_dir_of(resume)
-        options["out"] = options["out"] or str(run_dir)
-        config = TrainConfig.from_dict(checkpoint["config"]).resumed(options)
-    elif config is None:
-        name = options.pop("model") or DEFAULT_MODEL
-        options["out"] = options["out"] or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        config = TrainConfig.from_options(name, **options)
+    start = plan_start(options, resume)
     if nproc_per_node is not None:  # checked here, before any process starts
-        config.check_ranks(nproc_per_node)
+        start.config.check_ranks(nproc_per_node)
         _relaunch_with_torchrun(nproc_per_node)
-    if resume is not None:
-        console.print(f"resuming {config.model} from {resume} at step {checkpoint['step']}")
-        result = run_training(config, resume=checkpoint, resume_dir=run_dir, console=console)
-    else:
-        result = run_training(config, console=console)
+    if start.note:
+        console.print(start.note)
+    result = run_training(start.config, resume=start.checkpoint, resume_dir=start.run_dir, console=console)
     if result.interrupted is not None:
         raise typer.Exit(128 + result.interrupted)
 
 
-def _saved_config(path: Path) -> TrainConfig:
-    """The TrainConfig a run folder's config.json records."""
-    from vitdeploy.train import TrainConfig
-
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
-        raise VitDeployError(f"{path} is damaged ({type(exc).__name__}); start a new run with --out and the options you want") from None
+def _plain(value: Any) -> Any:
+    """An option's value as the library takes it: choices as their names, paths as strings."""
+    if isinstance(value, Enum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -313,7 +259,7 @@ def bench_train(
     """Training throughput (images/s) with real data vs synthetic tensors: is the input pipeline the bottleneck?"""
     from vitdeploy.train.throughput import measure
 
-    sources = ["real", "synthetic"] if source is Source.both else [source.value]
+    sources = list(choices.THROUGHPUT_SOURCES) if source is Source.both else [source.value]
     records = measure(model, batch_size, steps, warmup_steps, sources, data_dir, device.value, precision.value, compile, json_out, recipe)
     table = Table("model", "source", "precision", "batch", "images/s", "ms/step", title=f"training throughput on {records[0]['device']['name']}")
     for r in records:
@@ -332,10 +278,10 @@ def export(
     trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", metavar="", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing).", show_default="with --fp16, when possible")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
     max_batch: Annotated[int, typer.Option(help="Largest batch the artifacts accept.")] = 256,
-    fp16_policy: Annotated[FP16Policy, typer.Option(help="fp16 graph: matmul (MatMul/Gemm/Conv in fp16, the rest fp32) or activations (all activations fp16, LayerNorm statistics and logits fp32).")] = FP16Policy.matmul,
+    fp16_policy: Annotated[FP16Policy, typer.Option(help="fp16 graph: " + "; ".join(f"{k}: {v}" for k, v in choices.FP16_POLICIES.items()) + ".")] = FP16Policy.matmul,
     int8: Annotated[bool, typer.Option("--int8", metavar="", help="Also write INT8 graphs: one for ort-cpu (form chosen by this CPU's instruction set) and one for TensorRT (symmetric Q/DQ), each gated on accuracy.")] = False,
     calib_images: Annotated[int, typer.Option(help="Training images (outside the validation split) that calibrate INT8.")] = 512,
-    calib_method: Annotated[CalibMethod, typer.Option(help="INT8 calibration: ONNX Runtime's minmax, entropy or percentile calibrator.")] = CalibMethod.minmax,
+    calib_method: Annotated[CalibMethod, typer.Option(help=f"INT8 calibration: ONNX Runtime's {' or '.join(choices.CALIBRATION_METHODS)} calibrator.")] = CalibMethod.minmax,
     int8_exclude: Annotated[Optional[list[str]], typer.Option(metavar="NODE", help="ONNX node name to keep float in INT8 (repeatable).", show_default="the classification head")] = None,
     int8_max_accuracy_drop: Annotated[float, typer.Option(help="Largest INT8 accuracy loss against PyTorch fp32, percentage points.")] = 1.0,
     trt_profile: Annotated[Optional[list[str]], typer.Option(metavar="MIN:OPT:MAX", help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch.", show_default="1:1:1 and 2:min(32,max):max")] = None,
@@ -406,7 +352,7 @@ def bench(
     backend: Annotated[str, typer.Option(metavar=f"[all|{','.join(registry.NAMES)}]", help=f"all (every backend that runs here), or a comma-separated list of: {BACKEND_HELP}.")] = "all",
     precision: Annotated[str, typer.Option(help="Comma-separated fp32, fp16, bf16, int8.", show_default="pytorch fp32 (+fp16, bf16 on a GPU), ort-cpu every exported precision, ort-cuda every exported fp32/fp16, ort-trt and trt every exported precision")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to time.", show_default="1,8,32,128, those within the exported range")] = "",
-    mode: Annotated[str, typer.Option(metavar="[end-to-end|device|both]", help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
+    mode: Annotated[str, typer.Option(metavar=_metavar((*choices.BENCH_MODES, "both")), help="end-to-end (host images in, host logits out), device (inputs already on the GPU; GPU backends only), or both.")] = "both",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration (at most a quarter of --max-seconds).")] = 3,
     min_iters: Annotated[int, typer.Option(help="Timed iterations per configuration, at least.")] = 20,
     min_seconds: Annotated[float, typer.Option(help="Timed seconds per configuration, at least.")] = 1.0,
@@ -424,10 +370,10 @@ def bench(
 ) -> None:
     """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
     from vitdeploy.bench.report import write_reports
-    from vitdeploy.bench.run import MODES, BenchOptions, run_bench
+    from vitdeploy.bench.run import BenchOptions, run_bench
     from vitdeploy.bench.timing import TimingPolicy
 
-    modes = MODES if mode == "both" else (mode,)
+    modes = choices.BENCH_MODES if mode == "both" else (mode,)
     options = BenchOptions(
         artifacts=artifacts, backends=registry.parse_backends(backend), precisions=_csv(precision, "--precision"),
         batch_sizes=_csv(batch_sizes, "--batch-sizes", int), modes=modes,
@@ -520,8 +466,8 @@ def explain(
     source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Artifact folder written by `vitdeploy export`, a run folder or a checkpoint file.")],
     images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files (PNG, JPEG, WebP, ...), any size.")],
     out: Annotated[Path, typer.Option(help="Folder for NAME.png (image | map | overlay) and NAME.json per image.")],
-    method: Annotated[str, typer.Option(metavar="[rollout|grad-rollout]", help="rollout (attention rollout) or grad-rollout (gradient-weighted, for one class).")] = "rollout",
-    head_fusion: Annotated[str, typer.Option(metavar="[mean|max]", help="rollout: how heads combine, mean or max.")] = "mean",
+    method: Annotated[str, typer.Option(metavar=_metavar(choices.EXPLAIN_METHODS), help="rollout (attention rollout) or grad-rollout (gradient-weighted, for one class).")] = "rollout",
+    head_fusion: Annotated[str, typer.Option(metavar=_metavar(choices.HEAD_FUSIONS), help="rollout: how heads combine, mean or max.")] = "mean",
     discard_ratio: Annotated[float, typer.Option(help="rollout: fraction of the weakest attention entries dropped per layer, in [0, 1).")] = 0.0,
     class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index.", show_default="each image's top-1")] = None,
     top_k: Annotated[int, typer.Option(help="Classes listed per image.")] = 5,
@@ -708,10 +654,6 @@ def serve(
         application, log_level=log_level, http=protocol_with_deadlines(config.read_timeout_s, config.write_timeout_s),
         limit_concurrency=config.max_connections, timeout_graceful_shutdown=config.shutdown_timeout_s))
     server.run(sockets=[sock])
-
-
-def _str(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitdeploy.choices import EXPLAIN_METHODS, HEAD_FUSIONS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import MANIFEST, read_manifest, recorded_checkpoint
 from vitdeploy.models import load_model
@@ -29,8 +30,6 @@ from vitdeploy.predictions import top_k as top_k_predictions
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.progress import Ticker
 
-METHODS = ("rollout", "grad-rollout")
-HEAD_FUSIONS = ("mean", "max")
 EXPLAIN_CHUNK = 8  # images per forward (and backward) pass
 
 
@@ -169,8 +168,8 @@ def class_index(choice: str, class_names: list[str]) -> int:
 
 def check_options(method: str, head_fusion: str, discard_ratio: float) -> None:
     """Refuse an unknown method or head fusion, or a discard ratio outside [0, 1), before any work."""
-    if method not in METHODS:
-        raise VitDeployError(f"unknown method {method!r}; use {' or '.join(METHODS)}")
+    if method not in EXPLAIN_METHODS:
+        raise VitDeployError(f"unknown method {method!r}; use {' or '.join(EXPLAIN_METHODS)}")
     if head_fusion not in HEAD_FUSIONS:
         raise VitDeployError(f"unknown head fusion {head_fusion!r}; use {' or '.join(HEAD_FUSIONS)}")
     if not 0 <= discard_ratio < 1:

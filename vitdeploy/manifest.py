@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vitdeploy.choices import PRECISIONS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import atomic_write_text, inside
 
@@ -24,12 +26,24 @@ FORMAT = "vitdeploy-manifest"
 FORMAT_VERSION = 1
 
 
+_DIGESTS: dict[tuple[int, ...], str] = {}  # this process's hashes, by the file's identity and change times
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+    """The file's sha256, hashed once per process: serving reads a folder's manifest, its
+    checkpoint and the explainer's copy of both, and a large model takes seconds to hash.
+    A file that is replaced or written to (new inode, size, mtime or ctime, which no user can
+    set back) is hashed again."""
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+        digest = hashlib.sha256()
         while block := f.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def file_record(folder: Path, name: str) -> dict[str, Any]:
@@ -99,8 +113,7 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_BATCH = 4096  # above every batch range vitdeploy exports; bounds what a manifest may make us allocate
 MAX_CLASSES = 100_000
 KINDS = ("onnx", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DTYPES = ("uint8", "float32", "float16")
+TENSOR_DTYPES = ("uint8", "float32", "float16")  # an input or output tensor's element type
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -140,7 +153,7 @@ def _file(record: Any, where: str) -> None:
 
 def _tensor(record: Any, where: str, side: int) -> None:
     _field(record, "name", str, where)
-    _choice(record, "dtype", DTYPES, where)
+    _choice(record, "dtype", TENSOR_DTYPES, where)
     shape = _field(record, "shape", list, where)
     if not shape or shape[0] != "batch" or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= max(side, MAX_CLASSES)
                                                     for d in shape[1:]):

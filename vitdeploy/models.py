@@ -1,5 +1,5 @@
 """The model registry: every ViT vitdeploy trains, by name, with its input size,
-loadable weights, preprocessing and default training recipe.
+loadable weights, preprocessing and the kind of training recipe it takes (`train.recipes`).
 
 All entries are torchvision's `VisionTransformer` class (the torchvision variants with
 their published shapes, the CIFAR-native ones at 32 px with 4 px patches), so every
@@ -10,7 +10,7 @@ there when online), or a file given with --weights.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,38 +32,6 @@ HEAD_PREFIX = "heads."
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Training defaults for a model, used where the user does not set an option.
-
-    `short` recipes are for runs too short to profit from regularization (a few epochs,
-    or fine-tuning): flips only. `long` ones add random crops, TrivialAugmentWide, random
-    erasing, mixup/cutmix (for training from scratch) and an EMA of the weights."""
-
-    lr: float
-    batch_size: int
-    epochs: int
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0
-    label_smoothing: float = 0.1
-    warmup_frac: float = 0.05
-    crop_padding: int = 0
-    augment: str = "none"
-    erase_prob: float = 0.0
-    mixup: bool = False
-    cutmix: bool = False
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    ema: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-RECIPES = ("short", "long")
-LONG_MIN_EPOCHS = 10  # --recipe auto: long from this many epochs on
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     """One registry entry. `pretrained` maps a weights tag to torchvision's weights enum."""
 
@@ -77,23 +45,9 @@ class ModelSpec:
     mlp_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    recipes: dict[str, Recipe]
+    family: str  # whose training recipes it takes: "finetune" or "scratch" (vitdeploy.train.recipes)
     default_recipe: str
     pretrained: dict[str, str] = field(default_factory=dict)
-
-    def recipe_for(self, name: str, epochs: int | None) -> tuple[str, Recipe]:
-        """The recipe `name` names: 'auto' is long for runs of LONG_MIN_EPOCHS or more epochs,
-        short below, and the model's default recipe when the epochs are not given."""
-        if name == "auto":
-            name = self.default_recipe if epochs is None else ("long" if epochs >= LONG_MIN_EPOCHS else "short")
-        if name not in self.recipes:
-            raise VitDeployError(f"unknown recipe {name!r}; use auto, {' or '.join(RECIPES)} (see `vitdeploy models`)")
-        return name, self.recipes[name]
-
-    @property
-    def recipe(self) -> Recipe:
-        """The recipe a run without --recipe and --epochs gets."""
-        return self.recipes[self.default_recipe]
 
     @property
     def default_pretrained(self) -> str | None:
@@ -101,23 +55,6 @@ class ModelSpec:
 
     def preprocessing(self, source_size: int = 32) -> Preprocessing:
         return Preprocessing(source_size, self.input_size, "bilinear", self.mean, self.std)
-
-
-# Fine-tuning from ImageNet weights: few epochs, layer-wise LR decay; the long recipe adds
-# crops, TrivialAugmentWide, erasing and EMA (no mixup: pretrained features fit fast).
-_FINETUNE = {
-    "short": Recipe(lr=1e-4, batch_size=128, epochs=5, layer_decay=0.75),
-    "long": Recipe(lr=1e-4, batch_size=128, epochs=20, layer_decay=0.75, crop_padding=4, augment="trivial",
-                   erase_prob=0.25, ema=True),
-}
-# From scratch on CIFAR-10. short: the 2-epoch CPU run (52.0% test for vit_cifar_tiny; crops cost
-# such runs accuracy, README "Training"). long: the regularization published small-ViT results
-# use (Hassani et al. 2021: ViT-Lite, CCT) with a larger batch that keeps a GPU busy.
-_SCRATCH = {
-    "short": Recipe(lr=5e-4, batch_size=128, epochs=2),
-    "long": Recipe(lr=1e-3, batch_size=512, epochs=100, crop_padding=4, augment="trivial", erase_prob=0.25,
-                   mixup=True, cutmix=True, ema=True),
-}
 
 
 def _torchvision(name: str, patch: int, layers: int, heads: int, hidden: int, mlp: int, weights: dict[str, str]) -> ModelSpec:
@@ -132,7 +69,7 @@ def _torchvision(name: str, patch: int, layers: int, heads: int, hidden: int, ml
         mlp_dim=mlp,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        recipes=_FINETUNE,
+        family="finetune",
         default_recipe="short",
         pretrained=weights,
     )
@@ -150,7 +87,7 @@ def _cifar(name: str, hidden: int, layers: int, heads: int, mlp: int, what: str)
         mlp_dim=mlp,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
-        recipes=_SCRATCH,
+        family="scratch",
         default_recipe="long",
     )
 

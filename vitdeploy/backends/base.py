@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from vitdeploy.backends.graphs import GraphEntry, GraphSet
+from vitdeploy.errors import VitDeployError
+from vitdeploy.manifest import INPUT, OUTPUT
 from vitdeploy.progress import Ticker, eta
 
 
@@ -55,20 +58,63 @@ class Backend(ABC):
 
     name: str = "backend"
     device_mode: bool = False
+    max_batch: int | None = None  # the exported batch range's top; larger batches are refused
+    input_name, output_name = INPUT, OUTPUT  # the graph's tensors, as every export names them
+    graphs: GraphSet | None = None  # CUDA graphs per batch-size bucket (GPU backends with --cuda-graph)
 
     @abstractmethod
     def activate(self) -> None: ...
 
     @abstractmethod
-    def infer(self, images: np.ndarray) -> np.ndarray: ...
+    def active(self) -> bool:
+        """Whether `activate` has run (and `deactivate` not since)."""
+
+    @abstractmethod
+    def _infer_eager(self, images: np.ndarray) -> np.ndarray:
+        """Logits of a checked batch without a CUDA graph."""
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """Host logits of a host batch: through its bucket's CUDA graph where there is one, else eagerly."""
+        self._check(images)
+        if self.graphs is not None:
+            logits = self.graphs.run(images)
+            if logits is not None:
+                return logits
+        return self._infer_eager(images)
 
     def stage(self, images: np.ndarray) -> Any:
-        """A batch placed on the device, ready for `run_staged` (device-mode backends only)."""
-        raise NotImplementedError(f"{self.name} has no device mode")
+        """A batch placed on the device, ready for `run_staged` (device-mode backends only): its
+        loaded CUDA-graph bucket, or the backend's own staged form."""
+        self._check(images)
+        if self.graphs is not None:
+            entry = self.graphs.staged(images)
+            if entry is not None:
+                return entry
+        return self._stage_eager(images)
 
     def run_staged(self, staged: Any) -> None:
         """Run a staged batch and wait until the device has finished."""
+        if isinstance(staged, GraphEntry):
+            staged.graph.replay()
+        else:
+            self._run_staged_eager(staged)
+        self._wait()
+
+    def _stage_eager(self, images: np.ndarray) -> Any:
         raise NotImplementedError(f"{self.name} has no device mode")
+
+    def _run_staged_eager(self, staged: Any) -> None:
+        raise NotImplementedError(f"{self.name} has no device mode")
+
+    def _wait(self) -> None:  # noqa: B027 - optional: host backends and ONNX Runtime return when done
+        """Wait until the device has finished the work queued by `run_staged`."""
+
+    def _check(self, images: np.ndarray) -> None:
+        if not self.active():
+            raise RuntimeError("activate() the backend first")
+        if self.max_batch is not None and len(images) > self.max_batch:
+            raise VitDeployError(f"batch of {len(images)} exceeds the exported maximum {self.max_batch}; "
+                                 "re-export with a larger --max-batch")
 
     def deactivate(self) -> None:  # noqa: B027 - optional: a backend that holds nothing releases nothing
         """Release what `activate` took; the default has nothing to release."""

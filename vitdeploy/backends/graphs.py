@@ -44,10 +44,25 @@ class Graph(Protocol):
 
 
 @dataclass
-class _Entry:
+class GraphEntry:
+    """One bucket: its static buffers and its graph (None: the bucket runs without one, `note` says why)."""
+
     static: StaticRun
     graph: Graph | None
     note: str = ""
+
+
+def load_padded(buffer: Any, images: np.ndarray, bucket: int, device: Any) -> Any:
+    """`images` copied into a bucket's static device input, zero-padded to the bucket size; the
+    buffer (a torch tensor) is made on first use and reused, since graphs fix its address."""
+    import torch
+
+    host = torch.from_numpy(np.ascontiguousarray(images))
+    if buffer is None:
+        buffer = torch.zeros((bucket, *host.shape[1:]), dtype=host.dtype, device=device)
+    buffer.zero_()
+    buffer[: len(images)].copy_(host)
+    return buffer
 
 
 @dataclass
@@ -60,7 +75,7 @@ class GraphSet:
     buckets: tuple[int, ...] | None = None
     exact: bool = True  # bitwise check (TensorRT, ONNX Runtime) or relative 1e-6 (PyTorch)
     say: Callable[[str], None] = print
-    entries: dict[int, _Entry] = field(default_factory=dict)
+    entries: dict[int, GraphEntry] = field(default_factory=dict)
     last_bucket: int | None = None
 
     def bucket_for(self, rows: int) -> int:
@@ -83,7 +98,7 @@ class GraphSet:
         entry.graph.replay()
         return entry.static.read(len(images))
 
-    def staged(self, images: np.ndarray) -> _Entry | None:
+    def staged(self, images: np.ndarray) -> GraphEntry | None:
         """Device mode: the bucket loaded with `images`, to replay with `replay_staged` (None: no graph)."""
         bucket = self.bucket_for(len(images))
         entry = self.entries.get(bucket) or self._capture(bucket, images)
@@ -93,7 +108,7 @@ class GraphSet:
         self.last_bucket = bucket
         return entry
 
-    def _capture(self, bucket: int, images: np.ndarray) -> _Entry:
+    def _capture(self, bucket: int, images: np.ndarray) -> GraphEntry:
         static = self.prepare(bucket)
         try:
             static.load(images)
@@ -104,10 +119,10 @@ class GraphSet:
             graph.replay()
             got = static.read(bucket)
         except Exception as exc:  # noqa: BLE001 - every runtime raises its own types; we fall back and say why
-            entry = _Entry(static, None, f"capture failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            entry = GraphEntry(static, None, f"capture failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         else:
             same = np.array_equal(got, expected) if self.exact else np.allclose(got, expected, rtol=1e-6, atol=0)
-            entry = _Entry(static, graph if same else None,
+            entry = GraphEntry(static, graph if same else None,
                            "" if same else f"replay differs from the run without a graph (max |d| "
                                            f"{float(np.max(np.abs(got.astype(np.float64) - expected))):.3g})")
         if entry.graph is None:

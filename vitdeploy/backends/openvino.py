@@ -87,12 +87,10 @@ class OpenVinoBackend(Backend):
                                  "not be INT8 ones; nothing was run (use --backend ort-cpu --precision int8)")
         self.request = self.compiled.create_infer_request()
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.request is None:
-            raise RuntimeError("activate() the backend first")
-        if self.max_batch is not None and len(images) > self.max_batch:
-            raise VitDeployError(f"batch of {len(images)} exceeds the exported maximum {self.max_batch}; "
-                                 "re-export with a larger --max-batch")
+    def active(self) -> bool:
+        return self.request is not None
+
+    def _infer_eager(self, images: np.ndarray) -> np.ndarray:
         self.request.infer({0: np.ascontiguousarray(images)})
         return np.array(self.request.get_output_tensor(0).data, dtype=np.float32)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch  # imported before onnxruntime: loads the CUDA libraries from the torch wheels before onnxruntime looks for them
 
 from vitdeploy.backends.base import Backend, OpenRequest
-from vitdeploy.backends.graphs import GraphSet
+from vitdeploy.backends.graphs import GraphSet, load_padded
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import artifact_path, find_artifact
 
@@ -100,8 +100,7 @@ def open_for(entry: Any, request: OpenRequest) -> OrtBackend:
 class OrtBackend(Backend):
     """An InferenceSession on one ONNX file with one execution provider."""
 
-    def __init__(self, onnx_path: Path, device: str = "cpu", threads: int | None = None, optimization: str = "all",
-                 input_name: str = "input", output_name: str = "logits", precision: str = "fp32",
+    def __init__(self, onnx_path: Path, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
                  max_batch: int | None = None, trt_profiles: list[dict[str, int]] | None = None,
                  input_shape: list[Any] | None = None, cuda_graph: bool = False,
                  graph_buckets: tuple[int, ...] | None = None, say: Any = print) -> None:
@@ -113,8 +112,7 @@ class OrtBackend(Backend):
         self.threads = threads
         # ONNX Runtime's CPU provider crashes (SIGSEGV, 1.31.1) building an all-fp16 ViT graph at the
         # "all" level, whose extra CPU layout passes gain nothing for fp16; fp16 on the CPU stops at "extended".
-        self.optimization = "extended" if device == "cpu" and precision == "fp16" and optimization == "all" else optimization
-        self.input_name, self.output_name = input_name, output_name
+        self.optimization = "extended" if device == "cpu" and precision == "fp16" else "all"
         self.precision = precision
         self.max_batch = max_batch
         self.device_mode = device in ("cuda", "trt")
@@ -205,35 +203,18 @@ class OrtBackend(Backend):
                                  "its numbers would not be TensorRT's, so nothing was run (check the TensorRT preflight "
                                  "in manifest.json)")
 
-    def _check(self, images: np.ndarray) -> None:
-        if self.session is None:
-            raise RuntimeError("activate() the backend first")
-        if self.max_batch is not None and len(images) > self.max_batch:
-            raise VitDeployError(f"batch of {len(images)} exceeds the exported maximum {self.max_batch}; re-export with a larger --max-batch")
+    def active(self) -> bool:
+        return self.session is not None
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        self._check(images)
-        if self.graphs is not None:
-            logits = self.graphs.run(images)
-            if logits is not None:
-                return logits
+    def _infer_eager(self, images: np.ndarray) -> np.ndarray:
         if not self.device_mode:
             return self.session.run([self.output_name], {self.input_name: images})[0]
-        binding, _, out = self._bind(images)
+        binding, _, out = self._stage_eager(images)
         self.session.run_with_iobinding(binding)
         return out.cpu().numpy()
 
-    def stage(self, images: np.ndarray) -> Any:
-        """An I/O binding whose input and output are CUDA buffers (the tensors are kept alive with it),
-        or the loaded CUDA-graph bucket."""
-        self._check(images)
-        if self.graphs is not None:
-            entry = self.graphs.staged(images)
-            if entry is not None:
-                return entry
-        return self._bind(images)
-
-    def _bind(self, images: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _stage_eager(self, images: np.ndarray) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """An I/O binding whose input and output are CUDA buffers (the tensors are kept alive with it)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to("cuda")
         out = torch.empty((len(images), self.num_classes), dtype=torch.float32, device="cuda")
         torch.cuda.current_stream().synchronize()  # the input is on the device before ONNX Runtime's stream reads it
@@ -242,11 +223,8 @@ class OrtBackend(Backend):
         binding.bind_output(self.output_name, "cuda", out.device.index or 0, np.float32, tuple(out.shape), out.data_ptr())
         return binding, x, out
 
-    def run_staged(self, staged: Any) -> None:
-        if isinstance(staged, tuple):
-            self.session.run_with_iobinding(staged[0])  # returns when the CUDA work has finished
-        else:
-            staged.graph.replay()
+    def _run_staged_eager(self, staged: tuple[Any, torch.Tensor, torch.Tensor]) -> None:
+        self.session.run_with_iobinding(staged[0])  # returns when the CUDA work has finished
 
     def _static(self, bucket: int) -> _OrtStatic:
         return _OrtStatic(self, bucket, len(self.graphs.entries))
@@ -289,15 +267,13 @@ class _OrtStatic:
         self.binding = None
 
     def load(self, images: np.ndarray) -> None:
-        host = torch.from_numpy(np.ascontiguousarray(images))
-        if self.x is None:
-            self.x = torch.zeros((self.bucket, *host.shape[1:]), dtype=host.dtype, device="cuda")
+        first = self.x is None
+        self.x = load_padded(self.x, images, self.bucket, "cuda")
+        if first:
             b = self.backend
             self.binding = b.graph_session.io_binding()
             self.binding.bind_input(b.input_name, "cuda", 0, images.dtype, tuple(self.x.shape), self.x.data_ptr())
             self.binding.bind_output(b.output_name, "cuda", 0, np.float32, tuple(self.out.shape), self.out.data_ptr())
-        self.x.zero_()
-        self.x[: len(images)].copy_(host)
         torch.cuda.current_stream().synchronize()  # ONNX Runtime's stream reads the input next
 
     def reference(self) -> np.ndarray:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from vitdeploy.backends.base import Backend, OpenRequest
-from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph
+from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph, load_padded
 from vitdeploy.errors import VitDeployError
-from vitdeploy.precision import DTYPES
+from vitdeploy.precision import TORCH_DTYPES
 from vitdeploy.preprocess import Preprocess, Preprocessing
 
 
@@ -28,10 +28,8 @@ def open_for(_entry: Any, request: OpenRequest) -> TorchBackend:
     path = recorded_checkpoint(request.manifest, request.checkpoint, "the pytorch backend needs the training weights")
     model = load_model(path).module
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if request.threads and device == "cpu":
-        torch.set_num_threads(request.threads)
     return TorchBackend(model, Preprocessing.from_dict(request.manifest["preprocessing"]), device, request.precision,
-                        request.compile, **request.graphs())
+                        request.compile, threads=request.threads if device == "cpu" else None, **request.graphs())
 
 
 class TorchBackend(Backend):
@@ -46,9 +44,11 @@ class TorchBackend(Backend):
     name = "pytorch"
 
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, device: str = "cpu", precision: str = "fp32",
-                 compile: bool = False, cuda_graph: bool = False, graph_buckets: tuple[int, ...] | None = None,
-                 say: Any = print) -> None:
+                 compile: bool = False, threads: int | None = None, cuda_graph: bool = False,
+                 graph_buckets: tuple[int, ...] | None = None, say: Any = print) -> None:
         self.model = model
+        self.threads = threads  # torch's CPU threads while active (a process-wide setting, restored on deactivate)
+        self._saved_threads: int | None = None
         self.preprocess = Preprocess(preprocessing)
         self.device = torch.device(device)
         self.precision = precision
@@ -65,6 +65,9 @@ class TorchBackend(Backend):
         self._stream = None
 
     def activate(self) -> None:
+        if self.threads:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
         self.model.eval().to(self.device)
         self.preprocess.to(self.device)
         if self.device.type == "cuda" and self.precision == "fp32":
@@ -83,31 +86,22 @@ class TorchBackend(Backend):
         if self.precision == "fp32":
             return self._forward(x)
         # Autocast's weight cast cache must be off while a CUDA graph is captured.
-        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], cache_enabled=cache_enabled):
+        with torch.autocast(self.device.type, dtype=TORCH_DTYPES[self.precision], cache_enabled=cache_enabled):
             return self._forward(x)
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        if self._forward is None:
-            raise RuntimeError("activate() the backend first")
-        if self.graphs is not None:
-            logits = self.graphs.run(images)
-            if logits is not None:
-                return logits
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        return self._logits(x).float().cpu().numpy()
+    def active(self) -> bool:
+        return self._forward is not None
 
-    def stage(self, images: np.ndarray) -> Any:
-        if self.graphs is not None:
-            entry = self.graphs.staged(images)
-            if entry is not None:
-                return entry
+    def _infer_eager(self, images: np.ndarray) -> np.ndarray:
+        return self._logits(self._stage_eager(images)).float().cpu().numpy()
+
+    def _stage_eager(self, images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
 
-    def run_staged(self, staged: Any) -> None:
-        if isinstance(staged, torch.Tensor):
-            self._logits(staged)
-        else:
-            staged.graph.replay()
+    def _run_staged_eager(self, staged: torch.Tensor) -> None:
+        self._logits(staged)
+
+    def _wait(self) -> None:
         torch.cuda.synchronize(self.device)
 
     def _new_graph(self) -> TorchCudaGraph:
@@ -120,6 +114,9 @@ class TorchBackend(Backend):
         if self._tf32 is not None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._tf32
             self._tf32 = None
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
         self._forward = None
 
     def describe(self) -> dict[str, Any]:
@@ -141,11 +138,7 @@ class _TorchStatic:
         self.out: torch.Tensor | None = None
 
     def load(self, images: np.ndarray) -> None:
-        host = torch.from_numpy(np.ascontiguousarray(images))
-        if self.x is None:
-            self.x = torch.zeros((self.bucket, *host.shape[1:]), dtype=host.dtype, device=self.backend.device)
-        self.x.zero_()
-        self.x[: len(images)].copy_(host)
+        self.x = load_padded(self.x, images, self.bucket, self.backend.device)
 
     def _run(self) -> None:
         self.out = self.backend._logits(self.x, cache_enabled=False)

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from vitdeploy.choices import EXPORTED_PRECISIONS
 from vitdeploy.errors import VitDeployError
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # every precision a backend may run
-EXPORTED_PRECISIONS = ("fp32", "fp16", "int8")  # the precisions of exported files (bf16 runs from the checkpoint)
 
 
 def _cuda() -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vitdeploy.backends.base import Backend, OpenRequest
-from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph
+from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph, load_padded
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import artifact_path
 from vitdeploy.tensorrt_runtime import choose_profile, deserialize, import_tensorrt
@@ -51,14 +51,12 @@ class TrtBackend(Backend):
     name = "trt"
     device_mode = True
 
-    def __init__(self, engine_path: Path, record: dict[str, Any], input_name: str = "input", output_name: str = "logits",
-                 stream_factory: Callable[[], Any] | None = None, allocate: Callable[[int], Any] | None = None,
+    def __init__(self, engine_path: Path, record: dict[str, Any], stream_factory: Callable[[], Any] | None = None, allocate: Callable[[int], Any] | None = None,
                  cuda_graph: bool = False, graph_buckets: tuple[int, ...] | None = None,
                  graph_factory: Callable[[], Any] | None = None, say: Callable[[str], None] = print) -> None:
         self.engine_path = Path(engine_path)
         self.record = record
         self.profiles: list[dict[str, int]] = list(record["profiles"])
-        self.input_name, self.output_name = input_name, output_name
         self.stream_factory = stream_factory or torch.cuda.Stream
         self.allocate = allocate or (lambda size: torch.empty(max(size, 1), dtype=torch.uint8, device="cuda"))
         self.engine = self.stream = self.memory = None
@@ -105,15 +103,11 @@ class TrtBackend(Backend):
         self.last_profile = index
         return self.contexts[index]
 
-    def stage(self, images: np.ndarray) -> Any:
-        """The batch on the device (and an output buffer), or its loaded CUDA-graph bucket."""
-        if self.graphs is not None:
-            entry = self.graphs.staged(images)
-            if entry is not None:
-                return entry
-        return self._stage_eager(images)
+    def active(self) -> bool:
+        return bool(self.contexts)
 
     def _stage_eager(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the device, and an output buffer of its shape."""
         context = self.context_for(len(images))
         with torch.cuda.stream(self.stream):
             x = torch.from_numpy(np.ascontiguousarray(images)).to("cuda", non_blocking=True)
@@ -126,30 +120,26 @@ class TrtBackend(Backend):
         if not context.set_input_shape(self.input_name, shape):
             raise VitDeployError(f"TensorRT refused the input shape {shape}; re-export with a --trt-profile that holds it")
 
-    def _execute(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        context = self.context_for(x.shape[0])
+    def execute(self, context: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Enqueue `context` on the backend's stream with `x` in and `out` out (eager runs and graph buckets alike)."""
         self._set_shape(context, tuple(x.shape))
         context.set_tensor_address(self.input_name, x.data_ptr())
         context.set_tensor_address(self.output_name, out.data_ptr())
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise VitDeployError("TensorRT execution failed (see its log above)")
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.graphs is not None:
-            logits = self.graphs.run(images)
-            if logits is not None:
-                return logits
+    def _infer_eager(self, images: np.ndarray) -> np.ndarray:
         x, out = self._stage_eager(images)
         with torch.cuda.stream(self.stream):
-            self._execute(x, out)
+            self._run_staged_eager((x, out))
             result = out.cpu()  # copied on the engine's stream, then synchronized
         return result.numpy()
 
-    def run_staged(self, staged: Any) -> None:
-        if isinstance(staged, tuple):
-            self._execute(*staged)
-        else:
-            staged.graph.replay()
+    def _run_staged_eager(self, staged: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, out = staged
+        self.execute(self.context_for(x.shape[0]), x, out)
+
+    def _wait(self) -> None:
         self.stream.synchronize()
 
     def deactivate(self) -> None:
@@ -173,23 +163,16 @@ class _TrtStatic:
         self.out: torch.Tensor | None = None
 
     def load(self, images: np.ndarray) -> None:
-        host = torch.from_numpy(np.ascontiguousarray(images))
         with torch.cuda.stream(self.backend.stream):
-            if self.x is None:
-                self.x = torch.zeros((self.bucket, *host.shape[1:]), dtype=host.dtype, device="cuda")
+            first = self.x is None
+            self.x = load_padded(self.x, images, self.bucket, "cuda")
+            if first:
                 self.backend._set_shape(self.context, tuple(self.x.shape))
                 self.out = torch.empty(tuple(self.context.get_tensor_shape(self.backend.output_name)),
                                        dtype=torch.float32, device="cuda")
-            self.x.zero_()
-            self.x[: len(images)].copy_(host, non_blocking=False)
 
     def _run(self) -> None:
-        b = self.backend
-        b._set_shape(self.context, tuple(self.x.shape))
-        self.context.set_tensor_address(b.input_name, self.x.data_ptr())
-        self.context.set_tensor_address(b.output_name, self.out.data_ptr())
-        if not self.context.execute_async_v3(b.stream.cuda_stream):
-            raise VitDeployError("TensorRT execution failed (see its log above)")
+        self.backend.execute(self.context, self.x, self.out)
 
     def reference(self) -> np.ndarray:
         self._run()  # also the run TensorRT needs before a capture

@@ -21,6 +21,7 @@ from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, run_batches
 from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
+from vitdeploy.choices import BENCH_MODES
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import read_manifest
@@ -35,7 +36,6 @@ from vitdeploy.versions import (
     versions,
 )
 
-MODES = ("end-to-end", "device")
 SCHEMA = "vitdeploy-bench"
 SCHEMA_VERSION = 1
 ROTATION = 4  # distinct real batches each configuration cycles through
@@ -52,7 +52,7 @@ class BenchOptions:
     backends: tuple[str, ...] = ("all",)
     precisions: tuple[str, ...] = ()  # empty: each backend's natural set (see `precisions_for`)
     batch_sizes: tuple[int, ...] = ()  # empty: DEFAULT_BATCH_SIZES within the exported range
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = BENCH_MODES
     policy: TimingPolicy = field(default_factory=TimingPolicy)
     limit: int | None = None
     data_dir: Path | None = None
@@ -80,8 +80,8 @@ class BenchOptions:
             raise VitDeployError("--limit must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise VitDeployError("--threads must be at least 1")
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise VitDeployError(f"--mode must be one of {', '.join(MODES)} or both")
+        if not self.modes or any(m not in BENCH_MODES for m in self.modes):
+            raise VitDeployError(f"--mode must be one of {', '.join(BENCH_MODES)} or both")
         if self.cuda_graph:
             cpu_only = [b for b in self.backends if b != "all" and not registry.get(b).cuda_graph_here()]
             if cpu_only:

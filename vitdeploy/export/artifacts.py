@@ -25,6 +25,7 @@ from vitdeploy.backends import registry
 from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
+from vitdeploy.choices import FP16_POLICIES
 from vitdeploy.data import load_splits, load_test
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, staging, tensorrt, triton, trt_compat
@@ -52,7 +53,7 @@ class ExportOptions:
     source: Path
     out: Path
     fp16: bool = False
-    fp16_policy: str = "matmul"  # see fp16.POLICIES
+    fp16_policy: str = "matmul"  # see choices.FP16_POLICIES
     int8: bool = False
     int8_options: int8q.Int8Options = int8q.Int8Options()
     int8_max_accuracy_drop: float = 1.0
@@ -95,8 +96,8 @@ class ExportOptions:
             self.int8_options.validate()
             if not 0 <= self.int8_max_accuracy_drop <= 100:
                 raise VitDeployError("--int8-max-accuracy-drop is in percentage points, 0..100")
-        if self.fp16_policy not in fp16.POLICIES:
-            raise VitDeployError(f"unknown --fp16-policy {self.fp16_policy!r}; choose {' or '.join(fp16.POLICIES)}")
+        if self.fp16_policy not in FP16_POLICIES:
+            raise VitDeployError(f"unknown --fp16-policy {self.fp16_policy!r}; choose {' or '.join(FP16_POLICIES)}")
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
 
@@ -289,7 +290,7 @@ def _onnx_graphs(folder: Path, options: ExportOptions, source: _Source, contract
 
 def _write_fp16(folder: Path, options: ExportOptions, external: bool, say: Say) -> None:
     """model_fp16.onnx from model.onnx by --fp16-policy (fp16 halves only the weights: the fp32 external-data decision holds)."""
-    say(f"converting to fp16, policy {options.fp16_policy}: {fp16.POLICIES[options.fp16_policy]}")
+    say(f"converting to fp16, policy {options.fp16_policy}: {FP16_POLICIES[options.fp16_policy]}")
     if options.fp16_policy == "activations":
         if external:
             raise VitDeployError("--fp16-policy activations needs the whole graph in memory and this model's weights "
@@ -298,7 +299,7 @@ def _write_fp16(folder: Path, options: ExportOptions, external: bool, say: Say) 
     else:
         floats = fp16.float_tensors(onnx.load(str(folder / "model.onnx"), load_external_data=False))
         low = fp16.convert_to_mixed_fp16(onnx.load(str(folder / "model.onnx")), floats)
-    trt_compat.save_graph(low, folder / "model_fp16.onnx", "model_fp16.onnx.data" if external else None)
+    onnx_export.save_graph(low, folder / "model_fp16.onnx", "model_fp16.onnx.data" if external else None)
 
 
 def _manifest(options: ExportOptions, source: _Source, contract: dict[str, Any], ckpt_hash: str, weights: str,

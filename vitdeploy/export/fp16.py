@@ -1,4 +1,4 @@
-"""fp32 ONNX -> fp16 ONNX, under one of two policies (`POLICIES`).
+"""fp32 ONNX -> fp16 ONNX, under one of two policies (`vitdeploy.choices.FP16_POLICIES`).
 
 `matmul` (the default), AMP-style and explicit: every MatMul, Gemm and Conv computes in fp16 (weights stored in fp16, activations cast
 to fp16 on the way in, results cast back to fp32); everything else, LayerNormalization,
@@ -22,10 +22,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 LOW_PRECISION_OPS = ("MatMul", "Gemm", "Conv")
-POLICIES = {
-    "matmul": "MatMul/Gemm/Conv in fp16; LayerNorm, Softmax, GELU, residuals and logits in fp32",
-    "activations": "all activations in fp16; LayerNorm statistics in fp32 (stash_type 1); input and logits keep their types",
-}
 
 
 def float_tensors(model: onnx.ModelProto) -> set[str]:

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from vitdeploy.choices import CALIBRATION_METHODS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.progress import Ticker
 from vitdeploy.versions import peak_rss_mib
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 CHUNK = 32  # images per calibration batch at 32 px; fewer for larger inputs (see `chunk_images`)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vitdeploy.errors import VitDeployError
-from vitdeploy.export.trt_compat import save_graph
+from vitdeploy.export.trt_compat import single_cast_input
 from vitdeploy.manifest import INPUT, OUTPUT
 from vitdeploy.preprocess import Preprocess, Preprocessing
 
@@ -102,3 +102,17 @@ def io_records(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return {"name": value.name, "dtype": dtype, "shape": dims}
 
     return [describe(v) for v in model.graph.input], [describe(v) for v in model.graph.output]
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external_location: str | None = None) -> None:
+    """Write an ONNX file the way every exported graph is written: TensorRT's input rule first.
+
+    With `external_location`, weights go to that file beside the graph; tensors that
+    already refer to external data keep their reference.
+    """
+    single_cast_input(model)
+    if external_location is None:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_location)

@@ -4,7 +4,7 @@ TensorRT's ONNX parser accepts a UINT8 network input only when a Cast reads it d
 and nothing else does ("All UINT8 inputs must directly feed into a cast layer"); the
 dynamo exporter also reads the input's Shape for the batch size. `single_cast_input`
 gives every UINT8 input exactly one reader, a Cast to float, and every ONNX file the
-exporter writes goes through it (`save_graph`).
+exporter writes goes through it (`onnx_export.save_graph`).
 
 `preflight` checks a graph against the rules the parser documents, per TensorRT major
 version, with the supported-operator lists kept as data in `tensorrt_ops/` (each names
@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -54,20 +53,6 @@ def single_cast_input(model: onnx.ModelProto) -> onnx.ModelProto:
                         node.input[i] = cast.output[0]
         graph.node.insert(0, cast)
     return model
-
-
-def save_graph(model: onnx.ModelProto, path: Path, external_location: str | None = None) -> None:
-    """Write an ONNX file the way every exported graph is written: TensorRT's input rule first.
-
-    With `external_location`, weights go to that file beside the graph; tensors that
-    already refer to external data keep their reference.
-    """
-    single_cast_input(model)
-    if external_location is None:
-        onnx.save_model(model, str(path))
-    else:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external_location)
 
 
 @functools.lru_cache(maxsize=None)

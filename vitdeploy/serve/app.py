@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
-from vitdeploy.explain import METHODS, class_index
+from vitdeploy.explain import class_index
 from vitdeploy.overlay import overlay_png
 from vitdeploy.serve.config import ServeConfig
 from vitdeploy.serve.service import ApiError, Service, log
@@ -187,8 +188,8 @@ def _explain_query(request: Request, classes: list[str]) -> tuple[str, str, int 
     method = request.query_params.get("method", "rollout")
     if fmt not in ("json", "png"):
         raise ApiError(400, f"format must be json or png (got {fmt[:20]!r})")
-    if method not in METHODS:
-        raise ApiError(400, f"method must be {' or '.join(METHODS)} (got {method[:20]!r})")
+    if method not in EXPLAIN_METHODS:
+        raise ApiError(400, f"method must be {' or '.join(EXPLAIN_METHODS)} (got {method[:20]!r})")
     chosen = request.query_params.get("class")
     try:
         return fmt, method, None if chosen is None else class_index(chosen, classes)

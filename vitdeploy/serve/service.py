@@ -20,8 +20,8 @@ from vitdeploy import predictions
 from vitdeploy.backends.base import Backend
 from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.backends.graphs import power_of_two_buckets
+from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
-from vitdeploy.explain import METHODS
 from vitdeploy.manifest import read_or_describe
 from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
 from vitdeploy.serve.config import ServeConfig
@@ -230,5 +230,5 @@ class Service:
                         "read_timeout_s": config.read_timeout_s, "write_timeout_s": config.write_timeout_s,
                         "cuda_graph": config.cuda_graph,
                         "explain": {"available": self.explainer is not None, "reason": self.no_explainer or None,
-                                    "max_waiting": config.explain_queue, "methods": list(METHODS)}},
+                                    "max_waiting": config.explain_queue, "methods": list(EXPLAIN_METHODS)}},
         }

@@ -23,14 +23,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from vitdeploy.preprocess import (
-    Preprocess,
-    augment_params,
-    random_crop_flip,
-    sample_uniforms,
-)
+from vitdeploy.preprocess import Preprocess
+from vitdeploy.train.sampling import augment_params, random_crop_flip, sample_uniforms
 
-AUGMENTS = ("none", "trivial")
 _TRIVIAL, _ERASE, _MIX = 2, 3, 4  # hash streams (1 is the crop/flip stream)
 
 # TrivialAugmentWide (Mueller & Hutter 2021), as torchvision defines it: op, magnitude of
@@ -65,8 +60,7 @@ class AugmentSettings:
 
     @classmethod
     def of(cls, knobs: Any, mean: tuple[float, float, float]) -> AugmentSettings:
-        """The settings a TrainConfig or a Recipe describes (same field names); erased boxes
-        take the colour of the normalization `mean`."""
+        """The settings a TrainConfig describes; erased boxes take the colour of the normalization `mean`."""
         return cls(
             crop_padding=knobs.crop_padding, augment=knobs.augment, erase_prob=knobs.erase_prob,
             mixup_alpha=knobs.mixup_alpha if knobs.mixup else None, cutmix_alpha=knobs.cutmix_alpha if knobs.cutmix else None,

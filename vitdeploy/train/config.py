@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from vitdeploy.choices import AUGMENTS, DEVICES
 from vitdeploy.data import IMAGE_SHAPE
 from vitdeploy.errors import VitDeployError
 from vitdeploy.models import DEFAULT_MODEL, get_spec
-from vitdeploy.train.augment import AUGMENTS
+from vitdeploy.train import recipes
 
 # Options a resumed run may change; every other option is fixed by the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "out", "data_dir", "device", "compile", "log_every", "keep_checkpoints",
@@ -86,7 +87,7 @@ class TrainConfig:
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.keep_checkpoints >= 0, "--keep-checkpoints must not be negative (0 keeps all)"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device must be auto, cpu or cuda (got {self.device})"),
+            (self.device in DEVICES or self.device.startswith("cuda:"), f"--device must be {', '.join(DEVICES)} (got {self.device})"),
             (not (self.pretrained and self.weights), "use either --pretrained or --weights, not both"),
         ]
         for ok, message in checks:
@@ -123,12 +124,16 @@ class TrainConfig:
         epochs = options.get("epochs")
         if epochs is None and options.get("max_steps") and (recipe or "auto") == "auto":
             epochs = 1  # a few steps are a quick run: the short recipe, not the model's 100-epoch default
-        name, chosen = spec.recipe_for(recipe or "auto", epochs)
-        defaults = {**chosen.to_dict(), "recipe": name, "pretrained": bool(spec.pretrained) and not options.get("weights")}
+        name, settings = recipes.choose(spec, recipe or "auto", epochs)
+        defaults = {**settings, "recipe": name, "pretrained": bool(spec.pretrained) and not options.get("weights")}
         values = {k: v for k, v in options.items() if v is not None}
         if "data_dir" in values:  # absolute: export, bench and resume read config.json from anywhere
             values["data_dir"] = str(Path(values["data_dir"]).absolute())
         return cls(model=model, **{**defaults, **values})
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The options a recipe decides, as this config has them."""
+        return {name: getattr(self, name) for name in recipes.RECIPE_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -34,11 +31,10 @@ from vitdeploy.checkpoint import (
     FORMAT_VERSION,
     atomic_link,
     atomic_save,
-    load_checkpoint,
 )
-from vitdeploy.data import ImageSet, load_splits
+from vitdeploy.data import load_splits
 from vitdeploy.errors import VitDeployError
-from vitdeploy.files import atomic_write_text, check_output_dir
+from vitdeploy.files import atomic_write_text
 from vitdeploy.models import (
     build_model,
     get_spec,
@@ -47,8 +43,7 @@ from vitdeploy.models import (
     load_pretrained,
     load_weights_file,
 )
-from vitdeploy.precision import DTYPES
-from vitdeploy.preprocess import Preprocess, Preprocessing, epoch_permutation
+from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.progress import Ticker, eta
 from vitdeploy.train import distributed
 from vitdeploy.train.augment import Augmenter, AugmentSettings
@@ -56,150 +51,28 @@ from vitdeploy.train.config import TrainConfig
 from vitdeploy.train.distributed import DistContext
 from vitdeploy.train.ema import WeightEMA, default_decay
 from vitdeploy.train.precision import choose_precision
+from vitdeploy.train.run_folder import (
+    carry_metrics,
+    check_out_dir,
+    checkpoint_step,
+    clean_temporary_files,
+    make_out_dir,
+    unfinished_run,
+)
+from vitdeploy.train.sampling import epoch_permutation
 from vitdeploy.train.schedule import WarmupCosine, build_optimizer
+from vitdeploy.train.signals import StopRequest
+from vitdeploy.train.step import (
+    DeviceData,
+    EvaluationStopped,
+    StepContext,
+    evaluate,
+    resolve_device,
+    train_step,
+)
 from vitdeploy.versions import device_record, versions
 
 IMAGES_PER_S_DEFINITION = "training images processed / training-loop wall time (evaluation and checkpointing excluded)"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is the first CUDA GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitDeployError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use --device cpu or auto")
-    return device
-
-
-def autocast(device: torch.device, precision: str):  # noqa: ANN201 - a context manager
-    """Autocast for bf16/fp16; a no-op for fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-class DeviceData:
-    """One image set held on the device as uint8; batches are gathered, augmented and
-    preprocessed there, so the host never touches individual images."""
-
-    def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None) -> None:
-        pin = device.type == "cuda"
-        images = data.images.pin_memory() if pin else data.images
-        self.images = images.to(device, non_blocking=pin)
-        self.labels = data.labels.to(device, non_blocking=pin)
-        self.preprocess = preprocess.to(device)
-        self.augmenter = augmenter
-        self.device = device
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batch(self, indices: torch.Tensor, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model input and targets for `indices`, augmented for `epoch` when given (training)."""
-        idx = indices.to(self.device, non_blocking=True)
-        if epoch is None or self.augmenter is None:
-            return self.preprocess(self.images[idx]), self.labels[idx]
-        return self.augmenter(self.images[idx], self.labels[idx], indices, epoch)
-
-
-@dataclass
-class StepContext:
-    """What one optimizer step needs besides the batch."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    precision: str
-    grad_accum: int
-    grad_clip: float
-    label_smoothing: float
-    ddp: bool = False  # the model is DistributedDataParallel: all-reduce gradients once per step
-
-
-def train_step(ctx: StepContext, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Forward and backward over `grad_accum` micro-batches, then one optimizer step.
-
-    Returns the batch's mean loss as a device tensor (no host sync).
-    """
-    total = torch.zeros((), device=ctx.device)
-    micro = list(zip(inputs.chunk(ctx.grad_accum), labels.chunk(ctx.grad_accum), strict=True))
-    for i, (x, y) in enumerate(micro):
-        sync = not ctx.ddp or i == len(micro) - 1  # DDP all-reduces on the last micro-batch only
-        with nullcontext() if sync else ctx.model.no_sync():
-            with autocast(ctx.device, ctx.precision):
-                loss = F.cross_entropy(ctx.model(x), y, label_smoothing=ctx.label_smoothing)
-            ctx.scaler.scale(loss / ctx.grad_accum).backward()
-        total += loss.detach().float() / ctx.grad_accum
-    if ctx.grad_clip > 0:
-        ctx.scaler.unscale_(ctx.optimizer)
-        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip)
-    ctx.scaler.step(ctx.optimizer)
-    ctx.scaler.update()
-    ctx.optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-class EvaluationStopped(Exception):
-    """A stop signal arrived during an evaluation, which is abandoned (it is redone on resume)."""
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, precision: str,
-             dist: DistContext | None = None, stop: StopRequest | None = None) -> dict[str, float]:
-    """Top-1 accuracy (fraction) and mean cross-entropy over the whole set; in a distributed
-    run each rank takes a contiguous share (no padding, no image counted twice) and the sums
-    are added up across ranks. With `stop`, a signal ends it between two batches (every rank
-    at the same one) by raising EvaluationStopped: a long evaluation never delays a stop."""
-    dist = dist or DistContext()
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=data.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
-    first, last = distributed.shard(dist, len(data))
-    for start in range(first, last, batch_size):
-        if stop is not None and distributed.agree_signal(dist, stop.signum):
-            model.train()
-            raise EvaluationStopped
-        x, y = data.batch(torch.arange(start, min(start + batch_size, last)))
-        with autocast(data.device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    distributed.all_sum(dist, correct)
-    distributed.all_sum(dist, loss_sum)
-    model.train()
-    n = len(data)
-    return {"acc": correct.item() / n, "loss": loss_sum.item() / n, "images": n}
-
-
-class StopRequest:
-    """Set by SIGINT/SIGTERM (or a caller); the loop checks it at every step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def set(self, signum: int = signal.SIGTERM) -> None:
-        self.signum = signum
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    @contextmanager
-    def on_signals(self) -> Iterator[None]:
-        """Route SIGINT/SIGTERM here; a second SIGINT interrupts at once."""
-
-        def handler(signum: int, _frame: object) -> None:
-            if self and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.set(signum)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 @dataclass
@@ -578,11 +451,11 @@ class _Run:
         choice of the best checkpoint starts over from here, and the run says so."""
         prog = self.progress
         best = self.out / "best.pt"
-        if prog.best_step and _checkpoint_step(best) == prog.best_step:
+        if prog.best_step and checkpoint_step(best) == prog.best_step:
             return
         candidates = [resume_dir / "best.pt", resume_dir / "last.pt", *sorted((resume_dir / "checkpoints").glob("epoch-*.pt")),
                       *sorted((self.out / "checkpoints").glob("epoch-*.pt"))]
-        match = next((c for c in candidates if prog.best_step and _checkpoint_step(c) == prog.best_step), None)
+        match = next((c for c in candidates if prog.best_step and checkpoint_step(c) == prog.best_step), None)
         if match is not None:
             atomic_link(match, best)
             return
@@ -591,85 +464,6 @@ class _Run:
                                "the best checkpoint is chosen again from the epochs still to come")
         best.unlink(missing_ok=True)
         prog.best_val_acc, prog.best_epoch, prog.best_step = -1.0, 0, 0
-
-
-RUN_FILES = ("config.json", "metrics.jsonl")  # what a run writes before its first checkpoint
-
-
-def unfinished_run(out: Path) -> bool:
-    """`out` holds only what a run writes before its first checkpoint (it was stopped before one)."""
-    if not out.is_dir():
-        return False
-    for entry in out.iterdir():
-        if entry.name in RUN_FILES or _temporary(entry):
-            continue
-        if entry.name == "checkpoints" and entry.is_dir() and all(_temporary(p) for p in entry.iterdir()):
-            continue
-        return False
-    return (out / "config.json").is_file()
-
-
-def _temporary(path: Path) -> bool:
-    """A file vitdeploy writes and renames (`.NAME.tmp`, `.NAME.XXXX.tmp`), left behind by a kill."""
-    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
-
-
-def clean_temporary_files(out: Path) -> None:
-    """Remove what killed runs left half-written in the run folder."""
-    for folder in (out, out / "checkpoints"):
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if _temporary(path):
-                    path.unlink(missing_ok=True)
-
-
-def check_out_dir(out: Path, resuming: bool) -> None:
-    """Fail early on a run folder that holds another run (unless resuming into it) or cannot be written.
-
-    A folder whose run was stopped before its first checkpoint holds nothing worth keeping:
-    it is started over."""
-    check_output_dir(out, "--out")
-    if not resuming and out.is_dir() and any(out.iterdir()) and not unfinished_run(out):
-        raise VitDeployError(f"--out {out} already holds files; continue that run with --resume {out}, or choose another --out")
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """The optimizer step a checkpoint file was written at; None if it is missing or unreadable."""
-    try:
-        return int(load_checkpoint(path)["step"]) if path.is_file() else None
-    except (VitDeployError, KeyError, TypeError, ValueError):
-        return None
-
-
-def make_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VitDeployError(f"cannot create --out {out} ({exc.strerror or exc}); choose a writable folder") from exc
-
-
-def _carry_metrics(source_dir: Path, out: Path, step: int) -> None:
-    """Keep the metrics up to the resumed step, dropping what the resumed run will write again."""
-    source = source_dir / "metrics.jsonl"
-    if not source.is_file():
-        return
-    kept = []
-    for line in source.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a hard kill
-        if record.get("type") in ("step", "epoch") and record.get("step", step + 1) <= step:
-            kept.append(line)
-    atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in kept))
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint file belongs to."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        return checkpoint
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def run_training(
@@ -716,7 +510,7 @@ def _train(config: TrainConfig, resume: dict[str, Any] | None, resume_dir: Path 
             console.print(f"{out} holds a run stopped before its first checkpoint: starting it over")
             (out / "metrics.jsonl").unlink(missing_ok=True)
         if resume is not None:
-            _carry_metrics(resume_dir or out, out, run.progress.step)
+            carry_metrics(resume_dir or out, out, run.progress.step)
             run.reconcile_best(resume_dir or out)
         atomic_write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     distributed.barrier(dist)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from vitdeploy.choices import TRAIN_PRECISIONS
 from vitdeploy.errors import VitDeployError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:
@@ -23,8 +22,8 @@ def choose_precision(device: torch.device, requested: str = "auto", capability: 
 
     `capability` defaults to the CUDA device's; tests pass fake ones.
     """
-    if requested not in PRECISIONS:
-        raise VitDeployError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
+    if requested not in TRAIN_PRECISIONS:
+        raise VitDeployError(f"unknown precision {requested!r}; use one of {', '.join(TRAIN_PRECISIONS)}")
     if device.type != "cuda":
         if requested in ("auto", "fp32"):
             return "fp32"

@@ -15,9 +15,10 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.models import build_model, get_spec
 from vitdeploy.preprocess import Preprocess
 from vitdeploy.train.augment import Augmenter, AugmentSettings
-from vitdeploy.train.loop import DeviceData, StepContext, resolve_device, train_step
+from vitdeploy.train.config import TrainConfig
 from vitdeploy.train.precision import choose_precision
 from vitdeploy.train.schedule import build_optimizer
+from vitdeploy.train.step import DeviceData, StepContext, resolve_device, train_step
 from vitdeploy.versions import device_record, versions
 
 Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -84,7 +85,8 @@ def measure(
     records: list[dict[str, Any]] = []
     for name in models:
         spec = get_spec(name)
-        recipe_name, chosen = spec.recipe_for(recipe, None)
+        chosen = TrainConfig.from_options(name, recipe)
+        recipe_name = chosen.recipe
         batch = batch_size or chosen.batch_size
         torch.manual_seed(0)
         model = build_model(spec).to(device)
