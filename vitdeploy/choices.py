@@ -9,6 +9,7 @@ from __future__ import annotations
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # inference: what a backend runs (which backend runs which: the registry)
 EXPORTED_PRECISIONS = ("fp32", "fp16", "int8")  # of exported files (bf16 runs from the checkpoint)
+DEFAULT_MODEL = "vit_b_16"  # --model when none is given (the registry: vitdeploy.models)
 DEVICES = ("auto", "cpu", "cuda")  # training; "cuda:N" also names one GPU
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("none", "trivial")  # per-sample augmentation policy

@@ -6,6 +6,7 @@ traceback); usage mistakes are Typer's exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -26,6 +27,8 @@ from vitdeploy import __version__, choices
 from vitdeploy.backends import registry
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import check_output_dir, describe_os_error
+from vitdeploy.train import recipes
+from vitdeploy.train.config import TrainConfig
 
 app = typer.Typer(
     name="vitdeploy",
@@ -37,6 +40,14 @@ app = typer.Typer(
 # Off a terminal (a pipe, a log file) rich would cut tables at 80 columns: there lines are as long as they need.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 _state = {"debug": False}
+
+
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _train_default(name: str) -> str:
+    """TrainConfig's default of option `name`, as `train --help` shows it."""
+    return str(_TRAIN_DEFAULTS[name])
 
 
 def _choices(name: str, values: tuple[str, ...] | dict[str, str]) -> type[Enum]:
@@ -153,44 +164,44 @@ def models(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Pri
 
 @app.command()
 def train(
-    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`.", show_default="vit_b_16")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself).", show_default="data")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`.", show_default=_train_default("model"))] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself).", show_default=_train_default("data_dir"))] = None,
     download: Annotated[Optional[bool], typer.Option("--download", metavar="", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics.", show_default="runs/MODEL-TIME; with --resume, the checkpoint's run")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="the model's recipe")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size per optimizer step.", show_default="the model's recipe")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW).", show_default="the model's recipe")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.", show_default="0.05")] = None,
-    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise LR decay, 1 = off.", show_default="0.75 fine-tuning, 1 from scratch")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing.", show_default="0.1")] = None,
-    warmup_frac: Annotated[Optional[float], typer.Option(help="Fraction of steps for linear warm-up before cosine decay.", show_default="0.05")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Gradient-norm clip, 0 = off.", show_default="1.0")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (batch size stays global).", show_default="1")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.", show_default=_train_default("weight_decay"))] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise LR decay, 1 = off.", show_default=f"{recipes.BY_FAMILY['finetune']['short']['layer_decay']} fine-tuning, {_train_default('layer_decay')} from scratch")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing.", show_default=_train_default("label_smoothing"))] = None,
+    warmup_frac: Annotated[Optional[float], typer.Option(help="Fraction of steps for linear warm-up before cosine decay.", show_default=_train_default("warmup_frac"))] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Gradient-norm clip, 0 = off.", show_default=_train_default("grad_clip"))] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (batch size stays global).", show_default=_train_default("grad_accum"))] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Training recipe: auto, short or long (see `vitdeploy models`); it sets every option below that you do not. auto: long for 10+ epochs, short below, the model's default without --epochs.", show_default="auto")] = None,
     crop_padding: Annotated[Optional[int], typer.Option(help="Random-crop augmentation: zero padding in px, 0 = no crops (flips stay on).", show_default="the recipe's")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Per-sample augmentation policy: none or trivial (TrivialAugmentWide).", show_default="the recipe's")] = None,
     erase_prob: Annotated[Optional[float], typer.Option(help="Probability of random erasing per image, 0 = off.", show_default="the recipe's")] = None,
     mixup: Annotated[Optional[bool], typer.Option("--mixup/--no-mixup", metavar="", help="Mixup with a fixed partner per sample.", show_default="the recipe's")] = None,
-    mixup_alpha: Annotated[Optional[float], typer.Option(help="Mixup weight ~ Beta(alpha, alpha).", show_default="0.8")] = None,
+    mixup_alpha: Annotated[Optional[float], typer.Option(help="Mixup weight ~ Beta(alpha, alpha).", show_default=_train_default("mixup_alpha"))] = None,
     cutmix: Annotated[Optional[bool], typer.Option("--cutmix/--no-cutmix", metavar="", help="Cutmix (half of the samples each when mixup is on too).", show_default="the recipe's")] = None,
-    cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha).", show_default="1.0")] = None,
+    cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha).", show_default=_train_default("cutmix_alpha"))] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", metavar="", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported.", show_default="the recipe's")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1).", show_default="tied to the run's length, 1 - 10/steps")] = None,
-    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint.", show_default="5000")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint.", show_default=_train_default("val_size"))] = None,
     test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass.", show_default="all 10,000")] = None,
     test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", metavar="", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (quick runs).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init.", show_default="0")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Where to train.", show_default="auto")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU.", show_default="auto")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, augmentation and init.", show_default=_train_default("seed"))] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Where to train.", show_default=_train_default("device"))] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU.", show_default=_train_default("precision"))] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile", metavar="", help="torch.compile the model.")] = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", metavar="", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online).", show_default="yes where the model has them")] = None,
     pretrained_weights: Annotated[Optional[str], typer.Option(help="Which ImageNet weights (see `vitdeploy models`).", show_default="the first listed")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict or vitdeploy checkpoint.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from a checkpoint file or run folder (its last.pt).")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record.", show_default="20")] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all.", show_default="2")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record.", show_default=_train_default("log_every"))] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all.", show_default=_train_default("keep_checkpoints"))] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test.", show_default="--batch-size")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Run data-parallel on N processes of this machine (re-launches itself through torchrun; --batch-size stays global).")] = None,
 ) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,19 +259,51 @@ def read_or_describe(source: Path, allow_checkpoint: bool, max_batch: int) -> di
 
 
 def describe_checkpoint(path: Path, checkpoint: dict[str, Any], max_batch: int) -> dict[str, Any]:
-    """A manifest's model, preprocessing, input and batch fields for a training checkpoint that was
-    not exported: no artifacts, the batch range 1..`max_batch`."""
+    """The manifest of a training checkpoint that was not exported (for the pytorch backend, which
+    runs it as it is): no artifacts, uint8 input at the source size, the batch range 1..`max_batch`."""
     from vitdeploy.preprocess import Preprocessing
 
-    names = list(checkpoint["class_names"])
-    return {
-        "model": {"name": checkpoint["model_name"], "num_classes": len(names), "class_names": names,
-                  "source_checkpoint": {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}},
-        "preprocessing": checkpoint["preprocessing"],
-        "input": input_spec(Preprocessing.from_dict(checkpoint["preprocessing"]), True),
-        "batch": {"min": 1, "opt": min(32, max_batch), "max": max_batch},
-        "artifacts": [],
-    }
+    preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
+    return Manifest(checkpoint["model_name"], tuple(checkpoint["class_names"]), Path(path), sha256_file(path),
+                    preprocessing, input_spec(preprocessing, True), (1, min(32, max_batch), max_batch)).to_json()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The one way a manifest is made (export, and a checkpoint served without export): the
+    fields that vary, typed; `to_json` adds the format marker, the class count and the output
+    contract and is checked by `validate_manifest`, the one check every reader applies.
+
+    `artifacts` are the export's file records (kind, precision, path, size, sha256, status and
+    what was verified); `details` the rest export records (created, versions, parity data,
+    TensorRT, Triton)."""
+
+    model_name: str
+    class_names: tuple[str, ...]
+    source_checkpoint: Path
+    source_sha256: str
+    preprocessing: Preprocessing
+    input: dict[str, Any]
+    batch: tuple[int, int, int]  # min, opt, max
+    artifacts: tuple[dict[str, Any], ...] = ()
+    weights: str | None = None  # "ema" or "model": which weights of the checkpoint were exported
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        model = {"name": self.model_name, "num_classes": len(self.class_names), "class_names": list(self.class_names),
+                 "source_checkpoint": {"path": str(Path(self.source_checkpoint).resolve()), "sha256": self.source_sha256}}
+        if self.weights is not None:
+            model["weights"] = self.weights
+        lo, opt, hi = self.batch
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, **self.details, "model": model,
+            "preprocessing": self.preprocessing.to_dict(), "input": self.input,
+            "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(self.class_names)],
+                       "description": "unnormalized class scores; softmax gives probabilities"},
+            "batch": {"min": lo, "opt": opt, "max": hi}, "artifacts": list(self.artifacts),
+        }
+        validate_manifest(manifest)
+        return manifest
 
 
 def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None,

@@ -113,7 +113,6 @@ REGISTRY: dict[str, ModelSpec] = {
         _cifar("vit_cifar_small", 384, 6, 6, 1536, "hidden 384, 6 layers, 6 heads"),
     )
 }
-DEFAULT_MODEL = "vit_b_16"
 
 
 def get_spec(name: str) -> ModelSpec:

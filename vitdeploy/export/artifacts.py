@@ -32,9 +32,8 @@ from vitdeploy.export import fp16, onnx_export, staging, tensorrt, triton, trt_c
 from vitdeploy.export import int8 as int8q
 from vitdeploy.files import check_output_dir
 from vitdeploy.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
+    Manifest,
     file_record,
     input_spec,
     sha256_file,
@@ -304,23 +303,15 @@ def _write_fp16(folder: Path, options: ExportOptions, external: bool, say: Say) 
 
 def _manifest(options: ExportOptions, source: _Source, contract: dict[str, Any], ckpt_hash: str, weights: str,
               artifacts: list[dict[str, Any]], no_trt_reason: str | None) -> dict[str, Any]:
-    names = source.class_names
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+    details = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "vitdeploy_version": __version__, "versions": versions(),
-        "model": {"name": source.spec.name, "num_classes": len(names), "class_names": names,
-                  "source_checkpoint": {"path": str(source.path.resolve()), "sha256": ckpt_hash}, "weights": weights},
-        "preprocessing": source.preprocessing.to_dict(),
-        "input": contract,
-        "output": {"name": onnx_export.OUTPUT, "dtype": "float32", "shape": ["batch", len(names)],
-                   "description": "unnormalized class scores; softmax gives probabilities"},
-        "batch": {"min": options.min_batch, "opt": options.opt, "max": options.max_batch},
         "parity_data": {"data_dir": str(source.data_dir), "images": len(source.images),
                         "labels": "first N images of the CIFAR-10 test set"},
-        "artifacts": artifacts,
         "tensorrt": {"built": any(a["kind"] == "tensorrt" for a in artifacts), "reason": no_trt_reason},
     }
+    return Manifest(source.spec.name, tuple(source.class_names), source.path, ckpt_hash, source.preprocessing, contract,
+                    (options.min_batch, options.opt, options.max_batch), tuple(artifacts), weights, details).to_json()
 
 
 def _failures(artifacts: list[dict[str, Any]]) -> list[str]:

@@ -1,9 +1,26 @@
-"""Training: configuration and recipes, the loop with exact resume, and throughput measurement."""
+"""Training: configuration and recipes, the loop with exact resume, and throughput measurement.
 
-from vitdeploy.train.config import TrainConfig
-from vitdeploy.train.loop import TrainResult, run_training
-from vitdeploy.train.run_folder import run_dir_of, unfinished_run
-from vitdeploy.train.signals import StopRequest
-from vitdeploy.train.step import evaluate
+The names below are imported on first use, so that `vitdeploy.train.config` (which the CLI
+reads for its help) can be imported without loading torch."""
 
-__all__ = ["StopRequest", "TrainConfig", "TrainResult", "evaluate", "run_dir_of", "run_training", "unfinished_run"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "TrainConfig": "vitdeploy.train.config",
+    "TrainResult": "vitdeploy.train.loop",
+    "run_training": "vitdeploy.train.loop",
+    "run_dir_of": "vitdeploy.train.run_folder",
+    "unfinished_run": "vitdeploy.train.run_folder",
+    "StopRequest": "vitdeploy.train.signals",
+    "evaluate": "vitdeploy.train.step",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'vitdeploy.train' has no attribute {name!r}")
+    return getattr(import_module(_WHERE[name]), name)

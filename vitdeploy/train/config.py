@@ -1,4 +1,7 @@
-"""The complete, validated description of a training run, saved in every checkpoint."""
+"""The complete, validated description of a training run, saved in every checkpoint.
+
+Importing it loads no torch (the model registry and the data are imported where a config
+is checked), so the CLI reads its defaults for the help text from here."""
 
 from __future__ import annotations
 
@@ -6,10 +9,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.choices import AUGMENTS, DEVICES
-from vitdeploy.data import IMAGE_SHAPE
+from vitdeploy.choices import AUGMENTS, DEFAULT_MODEL, DEVICES
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import DEFAULT_MODEL, get_spec
 from vitdeploy.train import recipes
 
 # Options a resumed run may change; every other option is fixed by the checkpoint.
@@ -61,6 +62,9 @@ class TrainConfig:
     eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        from vitdeploy.data import IMAGE_SHAPE
+        from vitdeploy.models import get_spec
+
         spec = get_spec(self.model)
         checks = [
             (1 <= self.epochs <= 100_000, f"--epochs must be at least 1 and at most 100000 (got {self.epochs})"),
@@ -120,6 +124,8 @@ class TrainConfig:
 
         `recipe` (auto, short, long; see `vitdeploy models`) supplies every training knob the
         user does not set; config.json records the recipe chosen and every resolved value."""
+        from vitdeploy.models import get_spec
+
         spec = get_spec(model)
         epochs = options.get("epochs")
         if epochs is None and options.get("max_steps") and (recipe or "auto") == "auto":

@@ -9,11 +9,13 @@ mixup/cutmix (for training from scratch) and an EMA of the weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitdeploy.choices import RECIPES
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import ModelSpec
+
+if TYPE_CHECKING:
+    from vitdeploy.models import ModelSpec
 
 LONG_MIN_EPOCHS = 10  # --recipe auto: long from this many epochs on
 # The options a recipe decides (the rest of TrainConfig is the user's or the default).

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from vitdeploy.checkpoint import load_checkpoint
+from vitdeploy.choices import DEFAULT_MODEL
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import DEFAULT_MODEL
 from vitdeploy.train.config import TrainConfig
 from vitdeploy.train.run_folder import run_dir_of, unfinished_run
 
