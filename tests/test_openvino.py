@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, serve_client
 from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export.artifacts import ExportOptions, export_artifacts
@@ -100,3 +100,19 @@ def test_predict_through_openvino(int8_art: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout)
     assert row["backend"] == "openvino" and row["precision"] == "fp32" and len(row["predictions"]) == 5
+
+
+def test_serve_through_openvino_int8(int8_art: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    with serve_client(artifacts=int8_art, backend="openvino", precision="int8", max_batch=8) as client:
+        model = client.get("/v1/model").json()
+        assert model["backend"]["name"] == "openvino" and model["backend"]["inference_precision"] == "f32"
+        assert model["backend"]["int8_layers"] > 0
+        answer = client.post("/v1/predict", content=buffer.getvalue(), headers={"content-type": "image/png"})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 5
