@@ -139,3 +139,15 @@ def exported(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathF
     export_artifacts(ExportOptions(source=trained, out=root / "art", fp16=True, max_batch=16, triton=root / "triton",
                                    data_dir=cifar_root), say=lambda _line: None)
     return root / "art"
+
+
+@pytest.fixture(scope="session")
+def int8_art(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`trained` exported with both INT8 graphs (CPU form and TensorRT form), batch 1..16 (read-only by convention)."""
+    from vitdeploy.export.artifacts import ExportOptions, export_artifacts
+    from vitdeploy.export.int8 import Int8Options
+
+    out = tmp_path_factory.mktemp("int8") / "art"
+    export_artifacts(ExportOptions(source=trained, out=out, int8=True, max_batch=16, data_dir=cifar_root,
+                                   int8_options=Int8Options(calib_images=64)), say=lambda _line: None)
+    return out

@@ -19,14 +19,6 @@ from vitdeploy.export.int8 import Int8Options, cpu_form, scales
 from vitdeploy.manifest import read_manifest
 
 
-@pytest.fixture(scope="module")
-def int8_art(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("int8") / "art"
-    export_artifacts(ExportOptions(source=trained, out=out, int8=True, max_batch=16, data_dir=cifar_root,
-                                   int8_options=Int8Options(calib_images=64)), say=lambda _line: None)
-    return out
-
-
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 

@@ -13,21 +13,11 @@ import pytest
 from tests.conftest import run_cli, serve_client
 from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.errors import VitDeployError
-from vitdeploy.export.artifacts import ExportOptions, export_artifacts
-from vitdeploy.export.int8 import Int8Options
 from vitdeploy.manifest import find_artifact, read_manifest
 
 pytest.importorskip("openvino")
 
 from vitdeploy.backends.openvino import OpenVinoBackend  # noqa: E402 - after the skip
-
-
-@pytest.fixture(scope="module")
-def int8_art(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ov") / "art"
-    export_artifacts(ExportOptions(source=trained, out=out, int8=True, max_batch=16, data_dir=cifar_root,
-                                   int8_options=Int8Options(calib_images=64)), say=lambda _line: None)
-    return out
 
 
 def _logits(art: Path, backend: str, precision: str, images: np.ndarray) -> tuple[np.ndarray, dict]:
