@@ -151,3 +151,11 @@ def int8_art(trained: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathF
     export_artifacts(ExportOptions(source=trained, out=out, int8=True, max_batch=16, data_dir=cifar_root,
                                    int8_options=Int8Options(calib_images=64)), say=lambda _line: None)
     return out
+
+
+def importable(module: str) -> bool:
+    """Whether `module` imports in the Python `run_cli` starts (the CLI's view: PYTHONPATH is the
+    repository there, so the GPU-machine emulation of this test process does not apply)."""
+    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, cwd=REPO, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    return probe.returncode == 0

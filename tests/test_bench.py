@@ -5,7 +5,6 @@ with one line."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import importable, run_cli
 from vitdeploy.bench.run import BenchOptions, rotation, run_bench
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.errors import VitDeployError
@@ -62,7 +61,7 @@ def test_bench_all_on_cpu_writes_reports(exported: Path, cifar_root: Path, tmp_p
     assert report["schema"] == "vitdeploy-bench" and report["complete"] and report["passed"]
     # all: every exported precision a backend runs here (ort-cpu and openvino: fp32 and the fp16 graph; pytorch on
     # the CPU: fp32); openvino where it is installed, else skipped with the reason
-    openvino = importlib.util.find_spec("openvino") is not None
+    openvino = importable("openvino")
     runs = [("pytorch", "fp32"), ("ort-cpu", "fp32"), ("ort-cpu", "fp16")] + openvino * [("openvino", "fp32"), ("openvino", "fp16")]
     assert {(r["backend"], r["precision"], r["mode"], r["batch_size"]) for r in report["records"]} == {
         (b, p, "end-to-end", n) for b, p in runs for n in (1, 4)}

@@ -3,14 +3,13 @@ answered with one clear line and a non-zero exit, no traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli, write_cifar
+from tests.conftest import importable, run_cli, write_cifar
 from vitdeploy.models import build_model, get_spec
 
 TRAIN = ("train", "--model", "vit_cifar_tiny", "--device", "cpu", "--batch-size", "16", "--val-size", "40")
@@ -40,7 +39,7 @@ def test_info_reports_backends_honestly() -> None:
     backends = {b["name"]: b for b in record["backends"]}
     assert set(backends) == {"pytorch", "ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino"}
     assert backends["pytorch"]["usable"]
-    openvino_installed = importlib.util.find_spec("openvino") is not None
+    openvino_installed = importable("openvino")
     assert backends["openvino"]["usable"] == openvino_installed, backends["openvino"]
     assert ("OpenVINO" in backends["openvino"]["reason"]) if openvino_installed else (
         "pip install openvino" in backends["openvino"]["reason"])
