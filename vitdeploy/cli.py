@@ -377,7 +377,7 @@ def bench(
     max_abs_diff: Annotated[Optional[float], typer.Option(help="Largest allowed |logit - reference|.", show_default="1e-3 for fp32, not enforced for fp16/bf16")] = None,
     tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this.", show_default="2e-3 fp32, 0.5 fp16, 1.0 bf16")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points.", show_default="0 fp32, 0.1 fp16, 0.3 bf16")] = None,
-    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help="Replay CUDA graphs (one per timed batch size) on the GPU backends trt, ort-cuda and pytorch; each graph is checked against the run without it first.")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help=f"Replay CUDA graphs (one per timed batch size) on the GPU backends {', '.join(registry.GRAPH_BACKENDS)}; each graph is checked against the run without it first.")] = False,
 ) -> None:
     """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
     from vitdeploy.bench.report import write_reports
@@ -627,7 +627,7 @@ def serve(
     cors_origin: Annotated[Optional[list[str]], typer.Option(metavar="ORIGIN", help="Allow browser calls from this origin (repeat for several).", show_default="CORS off")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu and pytorch on the CPU.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend).")] = None,
-    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help="Replay CUDA graphs on the GPU backends (trt, ort-cuda, pytorch): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help=f"Replay CUDA graphs on the GPU backends ({', '.join(registry.GRAPH_BACKENDS)}): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
     explain_queue: Annotated[int, typer.Option(help="Most /v1/explain requests running or waiting (one runs at a time, on the server's own PyTorch copy of the model); beyond it 503. 0 turns explanations off.")] = 4,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:

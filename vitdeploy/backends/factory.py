@@ -33,7 +33,7 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
         artifact = find_artifact(manifest, entry.kind, precision, entry.int8_target)
         if artifact is None:
             raise VitDeployError(f"{folder} has no {entry.kind} {precision} artifact (it has: {describe_artifacts(manifest)}); "
-                                 f"{_missing_hint(entry.kind, precision)}")
+                                 f"{missing_hint(entry.kind, precision)}")
     return entry.open(OpenRequest(folder, manifest, precision, artifact, threads, compile, checkpoint, cuda_graph,
                                   graph_buckets, say))
 
@@ -44,8 +44,8 @@ def describe_artifacts(manifest: dict[str, Any]) -> str:
                      + f" = {a['path']}" for a in manifest["artifacts"])
 
 
-def _missing_hint(kind: str, precision: str) -> str:
-    """What to do when the artifact a backend needs is not in the folder."""
+def missing_hint(kind: str, precision: str) -> str:
+    """What to do when the artifact a backend needs is not in the folder (open_backend, bench)."""
     if kind == "tensorrt":
         from vitdeploy.tensorrt_runtime import import_tensorrt
 

@@ -74,12 +74,14 @@ class OpenVinoBackend(Backend):
         try:
             self.compiled = core.compile_model(core.read_model(str(self.onnx_path)), DEVICE, config)
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types
-            raise VitDeployError(f"OpenVINO could not load {self.onnx_path.name}: {str(exc).splitlines()[0][:300]}") from exc
+            raise VitDeployError(f"OpenVINO could not load {self.onnx_path.name}: {str(exc).splitlines()[0][:300]}; "
+                                 "re-export the folder with `vitdeploy export`, or use --backend ort-cpu") from exc
         kept = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         if kept != INFERENCE_PRECISION:
             self.compiled = None
             raise VitDeployError(f"OpenVINO compiled {self.onnx_path.name} for inference precision {kept}, not "
-                                 f"{INFERENCE_PRECISION}; its numbers would not be {self.precision}, so nothing was run")
+                                 f"{INFERENCE_PRECISION}; its numbers would not be {self.precision}, so nothing was run "
+                                 "(use --backend ort-cpu, or an OpenVINO release that honours INFERENCE_PRECISION_HINT)")
         self.int8_layers, self.weighted_layers = _layer_precisions(self.compiled)
         if self.precision == "int8" and self.int8_layers == 0:
             self.compiled = None

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch  # imported before onnxruntime: loads the CUDA libraries from the torch wheels before onnxruntime looks for them
 
+from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.backends.graphs import GraphSet, load_padded
 from vitdeploy.errors import VitDeployError
@@ -125,7 +126,7 @@ class OrtBackend(Backend):
         self.say = say
         if cuda_graph:
             if device != "cuda":
-                raise VitDeployError(f"--cuda-graph is for the GPU backends trt, ort-cuda and pytorch, not {self.name}")
+                raise VitDeployError(f"--cuda-graph is for the GPU backends {', '.join(registry.GRAPH_BACKENDS)}, not {self.name}")
             self.graphs = GraphSet("ort-cuda", self._static, CallGraph, graph_buckets, exact=True, say=say)
 
     def activate(self) -> None:

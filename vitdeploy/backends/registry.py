@@ -151,7 +151,8 @@ def parse_backends(text: str, allow_all: bool = True) -> tuple[str, ...]:
         if name not in NAMES:
             raise VitDeployError(f"unknown backend {name!r}; choose from {'all, ' if allow_all else ''}{', '.join(NAMES)}")
     if not allow_all and len(names) > 1:
-        raise VitDeployError(f"--backend takes one backend here, not {len(names)}")
+        raise VitDeployError(f"--backend takes one backend here, not {len(names)}; name one of {', '.join(NAMES)} "
+                             "(bench compares several)")
     return names
 
 

@@ -19,7 +19,7 @@ import torch
 
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, run_batches
-from vitdeploy.backends.factory import model_input, open_backend
+from vitdeploy.backends.factory import missing_hint, model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.choices import BENCH_MODES
 from vitdeploy.data import load_test
@@ -115,15 +115,12 @@ def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) 
         runnable = [p for p in runnable if p in exported]
     if not asked:
         return runnable, []
-    fix = "re-export with --trt" if entry.kind == "tensorrt" else {"fp16": "re-export with --fp16",
-                                                                    "int8": "re-export with --int8"}
     reasons = []
     for p in asked:
         if p not in entry.precisions_here():
             reasons.append(entry.why_not(p))
         elif p not in runnable:
-            hint = fix if isinstance(fix, str) else fix.get(p, "re-export")
-            reasons.append(f"{name} {p}: the artifacts have no {entry.kind} {p} model ({hint})")
+            reasons.append(f"{name} {p}: the artifacts have no {entry.kind} {p} model ({missing_hint(entry.kind, p)})")
     return [p for p in asked if p in runnable], reasons
 
 

@@ -198,7 +198,7 @@ class Service:
                       target: int | None) -> tuple[dict[str, Any], np.ndarray]:
         """(the JSON answer, the heat map) for `image`, whose served top-1 is `served`; `target` None
         explains that class."""
-        explainer = self.check_explainer()  # the caller checked before reading the body; still there?
+        explainer = self.check_explainer()  # None or full: checked again, since the body took time to arrive
         target = served["class_index"] if target is None else target
         try:
             record, heat, seconds = await explainer.explain(image, method, target)
