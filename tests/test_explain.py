@@ -102,7 +102,8 @@ def test_registry_vit_b_16_hooks_match() -> None:
 
 
 def test_grad_rollout_explains_the_chosen_class(trained: Path, cifar_root: Path) -> None:
-    model, preprocessing, classes, _path = load_explained_model(trained)
+    loaded = load_explained_model(trained)
+    model, preprocessing, classes = loaded.module, loaded.preprocessing, loaded.class_names
     images = load_test(cifar_root).images[:2].numpy()
     records, maps = explain_images(model, preprocessing, classes, images, "grad-rollout", target=7)
     assert [r["class"]["label"] for r in records] == ["horse", "horse"] and maps.shape == (2, 8, 8)
@@ -172,7 +173,8 @@ def test_explain_endpoint(exported: Path, trained: Path, cifar_root: Path, tmp_p
         data = answer.json()
         predicted = client.post("/v1/predict", content=body).json()["predictions"][0]
         assert data["served_top1"]["class_index"] == predicted["class_index"] == data["class"]["index"]
-        model, preprocessing, classes, _ = load_explained_model(trained)
+        loaded = load_explained_model(trained)
+        model, preprocessing, classes = loaded.module, loaded.preprocessing, loaded.class_names
         offline = explain_images(model, preprocessing, classes, image[None])[1][0]
         np.testing.assert_allclose(np.array(data["map"]), offline, atol=1e-4)
         picture = client.post("/v1/explain?format=png&method=grad-rollout&class=3", files={"file": ("x.png", body, "image/png")})
@@ -226,7 +228,8 @@ def test_many_images_are_explained_in_chunks_with_the_same_maps(trained: Path, c
     from vitdeploy.explain import EXPLAIN_CHUNK
     from vitdeploy.preprocess import Preprocess
 
-    model, preprocessing, classes, _ = load_explained_model(trained)
+    loaded = load_explained_model(trained)
+    model, preprocessing, classes = loaded.module, loaded.preprocessing, loaded.class_names
     images = load_test(cifar_root).images[:EXPLAIN_CHUNK + 3].numpy()
     records, maps = explain_images(model, preprocessing, classes, images)
     whole = explain_batch(model, Preprocess(preprocessing)(torch.from_numpy(images)))

@@ -52,7 +52,7 @@ def test_warmup_then_cosine() -> None:
 def test_parameter_groups_layer_decay_and_no_decay() -> None:
     spec = get_spec("vit_cifar_tiny")
     model = build_model(spec)
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, num_layers=spec.num_layers)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, spec=spec)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     head, first = by_param[id(named["heads.head.weight"])], by_param[id(named["encoder.layers.encoder_layer_0.mlp.0.weight"])]

@@ -43,6 +43,25 @@ def safe_load(path: Path, what: str = "weights file") -> Any:
         raise VitDeployError(f"{what} {path} is truncated or not a torch file ({exc}); use an intact file") from exc
 
 
+def read_weights(path: Path, what: str = "weights file") -> Any:
+    """A state dict from a safetensors file (by its name ending) or a torch file (`safe_load`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return safe_load(path, what)
+    if not path.is_file():
+        raise VitDeployError(f"{what} {path} does not exist; check the path")
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise VitDeployError(f"{what} {path} is a safetensors file, which needs the safetensors package: "
+                             "pip install safetensors") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise VitDeployError(f"{what} {path} is truncated or not a safetensors file ({str(exc)[:120]}); use an intact file") from None
+
+
 RUN_FOLDER_FILES = {  # which checkpoint a run folder means, by what it is wanted for
     "deploy": ("best.pt", "last.pt"),  # export, the pytorch backend, explain, serve: the one chosen on validation
     "resume": ("last.pt",),  # continuing the run: where it stopped

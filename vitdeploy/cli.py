@@ -283,8 +283,8 @@ def bench_train(
 
 @app.command()
 def export(
-    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A run folder (its best.pt) or a checkpoint file.")],
-    out: Annotated[Optional[Path], typer.Option(help="Artifact folder to write (manifest.json and the models).", show_default="SOURCE/export for a run folder, export/ beside a checkpoint file")] = None,
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A run folder (its best.pt), a checkpoint file, or a model to deploy as published: timm:NAME, hf:FOLDER_OR_REPO, or a registry name with --weights.")],
+    out: Annotated[Optional[Path], typer.Option(help="Artifact folder to write (manifest.json and the models).", show_default="SOURCE/export for a run folder, export/ beside a checkpoint file; needed for a model name")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", metavar="", help="Also write a mixed-precision fp16 ONNX (and a TensorRT fp16 engine where TensorRT and a GPU exist).")] = False,
     trt: Annotated[Optional[bool], typer.Option("--trt/--no-trt", metavar="", help="Build a TensorRT engine (fails if TensorRT or a GPU is missing).", show_default="with --fp16, when possible")] = None,
     min_batch: Annotated[int, typer.Option(help="Smallest batch the artifacts accept.")] = 1,
@@ -305,11 +305,17 @@ def export(
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file, reused across builds.", show_default="~/.cache/vitdeploy/tensorrt-timing.cache")] = None,
     hardware_compatible: Annotated[bool, typer.Option("--hardware-compatible", metavar="", help="TensorRT engine that runs on any Ampere or newer GPU (slower).")] = False,
     version_compatible: Annotated[bool, typer.Option("--version-compatible", metavar="", help="TensorRT engine that later TensorRT versions can run.")] = False,
+    weights: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its weights (safetensors or a torch state dict of the model's own layout, head included).", show_default="timm: the Hugging Face cache; hf: the folder")] = None,
+    class_names: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its class names, one per line.", show_default="the model's own (id2label, label_names, ImageNet-1k)")] = None,
+    resize: Annotated[Optional[str], typer.Option(metavar="bilinear|nearest|bicubic", help="The graph's resize mode instead of the model's (bicubic cannot become a TensorRT engine); the parity checks measure the difference.")] = None,
 ) -> None:
-    """Export a trained model: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
+    """Export a trained model, or one as published: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
     from vitdeploy.export.int8 import Int8Options
 
+    if out is None and not source.exists():
+        raise VitDeployError(f"{source} is not a run folder or checkpoint here; to deploy it as a published model, "
+                             "name the artifact folder with --out")
     if out is None:
         out = (source if source.is_dir() else source.parent) / "export"
         console.print(f"writing the export to {out} (--out chooses another folder)")
@@ -320,7 +326,7 @@ def export(
         trt_profiles=tuple(_profile(text) for text in trt_profile or ()),
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
-        version_compatible=version_compatible,
+        version_compatible=version_compatible, weights=weights, class_names=class_names, resize=resize,
     )
     with _sigterm_unwinds():  # a stopped export removes its staging folder and scratch files
         export_artifacts(options, say=lambda line: console.print(escape(line)))
@@ -415,7 +421,7 @@ def bench(
     table = Table("backend", "precision", "accuracy %", "top-1 agreement %", "max |dlogit|", "mean |dlogit|", "NaN/Inf", "parity",
                   title=f"accuracy and parity vs PyTorch fp32 on {report['data']['images']} test images")
     for p in report["parity"]:
-        table.add_row(p["backend"], p["precision"], f"{p['accuracy_pct']:.2f}", f"{100 * p['top1_agreement']:.2f}",
+        table.add_row(p["backend"], p["precision"], "n/a" if p["accuracy_pct"] is None else f"{p['accuracy_pct']:.2f}", f"{100 * p['top1_agreement']:.2f}",
                       f"{p['max_abs_logit_diff']:.2e}", f"{p['mean_abs_logit_diff']:.2e}", str(p["nan_inf_images"]),
                       "pass" if p["passed"] else "FAIL: " + escape("; ".join(p["failures"])))
     console.print(table)
@@ -433,7 +439,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files (PNG, JPEG, WebP, ...), any size.")],
     backend: Annotated[str, typer.Option(metavar=BACKEND_METAVAR, help=f"Which runtime to use: {BACKEND_HELP}.")] = registry.DEFAULT,
     precision: Annotated[InferencePrecision, typer.Option(help="Which artifact: fp32, fp16 or int8 (auto: fp32).")] = InferencePrecision.auto,
-    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
+    top_k: Annotated[Optional[int], typer.Option(help="How many classes to show per image.", show_default="5, or every class of a smaller model")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
 ) -> None:
     """Top-k classes for image files through any backend, fed exactly as the manifest says."""
@@ -441,17 +447,19 @@ def predict(
 
     from vitdeploy.backends.base import run_batches
     from vitdeploy.backends.factory import model_input, open_backend
-    from vitdeploy.images import load_image_file
+    from vitdeploy.images import Fit, load_image_file
     from vitdeploy.manifest import read_manifest
     from vitdeploy.predictions import top_k as top_k_predictions
+    from vitdeploy.preprocess import Preprocessing
 
     name = registry.parse_backends(backend, allow_all=False)[0]
     manifest = read_manifest(artifacts)
     classes = manifest["model"]["class_names"]
+    top_k = min(5, len(classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(classes):
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
-    size = manifest["preprocessing"]["source_size"]
-    batch = np.stack([load_image_file(path, size) for path in images])
+    fit = Fit.of(Preprocessing.from_dict(manifest["preprocessing"]))
+    batch = np.stack([load_image_file(path, fit) for path in images])
     chosen = "fp32" if precision is InferencePrecision.auto else precision.value
     with open_backend(artifacts, manifest, name, chosen) as runner:
         start = time.perf_counter()
@@ -481,7 +489,7 @@ def explain(
     head_fusion: Annotated[str, typer.Option(metavar=_metavar(choices.HEAD_FUSIONS), help="rollout: how heads combine, mean or max.")] = "mean",
     discard_ratio: Annotated[float, typer.Option(help="rollout: fraction of the weakest attention entries dropped per layer, in [0, 1).")] = 0.0,
     class_: Annotated[Optional[str], typer.Option("--class", help="Class to explain, by name or index.", show_default="each image's top-1")] = None,
-    top_k: Annotated[int, typer.Option(help="Classes listed per image.")] = 5,
+    top_k: Annotated[Optional[int], typer.Option(help="Classes listed per image.", show_default="5, or every class of a smaller model")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint of an artifact folder, if it moved since the export.")] = None,
 ) -> None:
     """Where the model looks: a heat map over the patch grid per image, from the PyTorch model of the checkpoint."""
@@ -490,25 +498,28 @@ def explain(
     import numpy as np
 
     from vitdeploy.explain import (
+        Tokens,
         check_options,
         class_index,
         explain_images,
         load_explained_model,
     )
     from vitdeploy.files import write_new_files
-    from vitdeploy.images import load_image_file
+    from vitdeploy.images import Fit, load_image_file
     from vitdeploy.overlay import explanation_png
 
     check_options(method, head_fusion, discard_ratio)
     check_output_dir(out, "--out")
     check_explain_out(out, images)
-    model, preprocessing, classes, path = load_explained_model(source, checkpoint)
+    loaded = load_explained_model(source, checkpoint)
+    classes, path = loaded.class_names, loaded.path
+    top_k = min(5, len(classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(classes):
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
     target = None if class_ is None else class_index(class_, classes)
-    batch = np.stack([load_image_file(image, preprocessing.source_size) for image in images])
-    records, maps = explain_images(model, preprocessing, classes, batch, method, head_fusion, discard_ratio, target, top_k,
-                                   say=lambda line: console.print(escape(line)))
+    batch = np.stack([load_image_file(image, Fit.of(loaded.preprocessing)) for image in images])
+    records, maps = explain_images(loaded.module, loaded.preprocessing, classes, batch, method, head_fusion, discard_ratio,
+                                   target, top_k, say=lambda line: console.print(escape(line)), tokens=Tokens.of(loaded.spec))
     out.mkdir(parents=True, exist_ok=True)
     for image, pixels, record, heat in zip(images, batch, records, maps, strict=True):
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", image.stem)[:100] or "image"

@@ -9,8 +9,10 @@ surfacing later as a shape error. `--download` uses torchvision's downloader.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,6 +133,31 @@ def load_train(data_dir: Path) -> ImageSet:
 def load_test(data_dir: Path) -> ImageSet:
     """The test set; reported on, never used to choose a model."""
     return read_batch(find_cifar_dir(data_dir) / TEST_FILE)
+
+
+@dataclass(frozen=True)
+class ParitySet:
+    """Test images as a model takes them (fitted to its source size), with their labels where the
+    model's classes are CIFAR-10's (else None: parity is then logits and top-1 agreement alone)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    data_dir: Path
+
+    @property
+    def description(self) -> str:
+        what = "first N images of the CIFAR-10 test set"
+        return what if self.labels is not None else what + " (no labels: the model's classes are not CIFAR-10's)"
+
+
+def parity_set(data_dir: Path, limit: int, fit: Any, class_names: Sequence[str]) -> ParitySet:
+    """The first `limit` test images through `fit` (an `images.Fit`), for export's and bench's parity."""
+    from vitdeploy.images import fit_array
+
+    test = load_test(data_dir)
+    n = min(limit, len(test))
+    labels = test.labels[:n].numpy() if tuple(class_names) == CLASS_NAMES else None
+    return ParitySet(fit_array(test.images[:n].numpy(), fit), labels, Path(data_dir))
 
 
 def split_validation(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:

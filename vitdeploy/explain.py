@@ -1,12 +1,16 @@
 """Where a ViT looks: attention rollout (Abnar & Zuidema 2020) and its gradient-weighted
-form (Chefer et al. 2021) over the patch grid, for every registry model.
+form (Chefer et al. 2021) over the patch grid, for every model vitdeploy deploys.
 
 torchvision's encoder calls attention with `need_weights=False` (and a fused kernel in
-eval mode), so the weights are never materialized. `AttentionHooks` adds a forward hook
-to each attention module that recomputes it from the same input with explicit weights
-A and returns `out_proj(A V)`: the model's output is unchanged (within float rounding),
-no torchvision code is copied or forked, and A stays in the autograd graph, so the
-gradient of a class score with respect to every A is available.
+eval mode), and timm's `Attention` uses the fused scaled-dot-product kernel, so the
+weights are never materialized. `AttentionHooks` adds a forward hook to each such module
+that recomputes it from the same input with explicit weights A and returns the module's
+output from A V: the model's output is unchanged (within float rounding), no library code
+is copied or forked, and A stays in the autograd graph, so the gradient of a class score
+with respect to every A is available. transformers' models return their own attention
+probabilities (eager attention, `output_attentions=True`), which are used as they are.
+Prefix tokens (class, distillation, registers) are dropped from the map; the map is the
+relevance to the tokens the head reads (`Tokens`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import nn
 from vitdeploy.choices import EXPLAIN_METHODS, HEAD_FUSIONS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.manifest import MANIFEST, read_manifest, recorded_checkpoint
-from vitdeploy.models import load_model
+from vitdeploy.models import LoadedModel, load_model
 from vitdeploy.predictions import top_k as top_k_predictions
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.progress import Ticker
@@ -33,25 +37,71 @@ from vitdeploy.progress import Ticker
 EXPLAIN_CHUNK = 8  # images per forward (and backward) pass
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """The token layout of a model: `prefix` tokens before the patches, of which the head reads the
+    first `readout` (1: the class token; 2: class and distillation tokens, averaged; 0: the patches' mean)."""
+
+    prefix: int = 1
+    readout: int = 1
+
+    @classmethod
+    def of(cls, spec: Any) -> Tokens:
+        return cls(spec.prefix_tokens, spec.readout_tokens)
+
+    def patch_scores(self, relevance: torch.Tensor) -> torch.Tensor:
+        """B x T x T token relevance -> B x patches: the rows of what the head reads, over the patches."""
+        rows = relevance[:, :self.readout] if self.readout else relevance[:, self.prefix:]
+        return rows.mean(dim=1)[:, self.prefix:]
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("qkv", "num_heads", "q_norm", "k_norm", "proj", "scale"))
+
+
 class AttentionHooks:
-    """While active, every `nn.MultiheadAttention` of `model` is recomputed with explicit
-    weights, which are kept in `attentions` (one B x heads x tokens x tokens per layer)."""
+    """While active, each layer's attention of `model` (torchvision's `nn.MultiheadAttention` and
+    timm's `Attention`, recomputed with explicit weights; a transformers model's own) is kept in
+    `attentions` (one B x heads x tokens x tokens per layer)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-        if not self.modules:
+        self.model = model
+        self.recorder = model.recording() if hasattr(model, "recording") else None  # transformers (sources.hf_vit)
+        self.modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) or _is_timm_attention(m)]
+        if not self.modules and self.recorder is None:
             raise VitDeployError("the model has no attention layers to explain")
         self.attentions: list[torch.Tensor] = []
         self._handles: list[Any] = []
 
     def __enter__(self) -> AttentionHooks:
-        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        if self.recorder is not None:
+            self.attentions = self.recorder.__enter__()
+            return self
+        self._handles = [m.register_forward_hook(self._hook if isinstance(m, nn.MultiheadAttention) else self._timm_hook)
+                         for m in self.modules]
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.recorder is not None:
+            self.recorder.__exit__(*exc)
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def _timm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """timm's Attention.forward with the softmax written out (its eager path)."""
+        x = args[0]
+        b, n, _ = x.shape
+        h = module.num_heads
+        q, k, v = module.qkv(x).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = module.q_norm(q), module.k_norm(k)
+        weights = torch.softmax((q * module.scale) @ k.transpose(-2, -1), dim=-1)
+        self.attentions.append(weights)
+        out = getattr(module, "norm", nn.Identity())((weights @ v).transpose(1, 2).reshape(b, n, -1))
+        gate = getattr(module, "gate", None)
+        if gate is not None:
+            out = out * gate(x).sigmoid()
+        return module.proj_drop(module.proj(out))
 
     def _hook(self, module: nn.MultiheadAttention, args: tuple, output: Any) -> tuple[torch.Tensor, None]:
         x = args[0]  # torchvision passes the same normalized tokens as query, key and value (batch first)
@@ -74,11 +124,12 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
     raise VitDeployError(f"unknown head fusion {head_fusion!r}; use {' or '.join(HEAD_FUSIONS)}")
 
 
-def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
+            tokens: Tokens = Tokens()) -> torch.Tensor:
     """Attention rollout: per layer the head-fused attention, its weakest `discard_ratio` of
-    entries dropped (the class token's own column kept), plus the identity for the residual
-    path, rows renormalized; multiplied through the layers. Returns the class token's row
-    over the patch tokens (B x patches)."""
+    entries dropped (the first token's own column kept), plus the identity for the residual
+    path, rows renormalized; multiplied through the layers. Returns the read-out tokens' rows
+    over the patch tokens (B x patches, see `Tokens`)."""
     result = None
     for attention in attentions:
         fused = fuse_heads(attention.detach().float(), head_fusion)
@@ -93,13 +144,13 @@ def rollout(attentions: list[torch.Tensor], head_fusion: str = "mean", discard_r
         step = step / step.sum(dim=-1, keepdim=True)
         result = step if result is None else step @ result
     assert result is not None
-    return result[:, 0, 1:]
+    return tokens.patch_scores(result)
 
 
-def grad_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
+def grad_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor], tokens: Tokens = Tokens()) -> torch.Tensor:
     """Gradient-weighted rollout (Chefer et al. 2021): R = I, then per layer
-    R <- R + mean_heads(relu(grad * A)) R. Returns the class token's row over the patch
-    tokens (B x patches)."""
+    R <- R + mean_heads(relu(grad * A)) R. Returns the read-out tokens' rows over the patch
+    tokens (B x patches, see `Tokens`)."""
     relevance = None
     for attention, grad in zip(attentions, gradients, strict=True):
         weighted = (grad.detach().float() * attention.detach().float()).clamp(min=0).mean(dim=1)
@@ -107,7 +158,7 @@ def grad_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor]) 
             relevance = torch.eye(weighted.shape[-1], device=weighted.device).expand_as(weighted).clone()
         relevance = relevance + weighted @ relevance
     assert relevance is not None
-    return relevance[:, 0, 1:]
+    return tokens.patch_scores(relevance)
 
 
 @dataclass(frozen=True)
@@ -121,7 +172,7 @@ class Explanation:
 
 
 def explain_batch(model: nn.Module, inputs: torch.Tensor, method: str = "rollout", head_fusion: str = "mean",
-                  discard_ratio: float = 0.0, target: torch.Tensor | None = None) -> Explanation:
+                  discard_ratio: float = 0.0, target: torch.Tensor | None = None, tokens: Tokens = Tokens()) -> Explanation:
     """Maps for a batch of model inputs (normalized, at the model's input size). `target`
     (B class indices) picks the class for grad-rollout; default: each image's top-1."""
     check_options(method, head_fusion, discard_ratio)
@@ -130,11 +181,11 @@ def explain_batch(model: nn.Module, inputs: torch.Tensor, method: str = "rollout
         logits = model(inputs)
         classes = logits.argmax(dim=1) if target is None else target
         if method == "rollout":
-            patch_scores = rollout(hooks.attentions, head_fusion, discard_ratio)
+            patch_scores = rollout(hooks.attentions, head_fusion, discard_ratio, tokens)
         else:
             score = logits.gather(1, classes[:, None]).sum()
             gradients = torch.autograd.grad(score, hooks.attentions)
-            patch_scores = grad_rollout(hooks.attentions, list(gradients))
+            patch_scores = grad_rollout(hooks.attentions, list(gradients), tokens)
     grid = math.isqrt(patch_scores.shape[1])
     if grid * grid != patch_scores.shape[1]:
         raise VitDeployError(f"{patch_scores.shape[1]} patch tokens do not form a square grid")
@@ -143,17 +194,15 @@ def explain_batch(model: nn.Module, inputs: torch.Tensor, method: str = "rollout
     return Explanation(maps.cpu(), logits.detach().float().cpu(), classes.detach().cpu())
 
 
-def load_explained_model(source: Path, checkpoint: Path | None = None) -> tuple[nn.Module, Preprocessing, list[str], Path]:
+def load_explained_model(source: Path, checkpoint: Path | None = None) -> LoadedModel:
     """The PyTorch model behind an artifact folder (its recorded checkpoint, or `checkpoint`,
-    which must be that same file), a run folder or a checkpoint file; with its
-    preprocessing, class names and the checkpoint's path."""
+    which must be that same file), a run folder or a checkpoint file."""
     source = Path(source)
     if (source / MANIFEST).is_file():
         path = recorded_checkpoint(read_manifest(source), checkpoint, "explain needs the PyTorch weights")
     else:
         path = checkpoint or source
-    loaded = load_model(path)
-    return loaded.module, loaded.preprocessing, loaded.class_names, loaded.path
+    return load_model(path)
 
 
 def class_index(choice: str, class_names: list[str]) -> int:
@@ -178,8 +227,8 @@ def check_options(method: str, head_fusion: str, discard_ratio: float) -> None:
 
 def explain_images(model: nn.Module, preprocessing: Preprocessing, class_names: list[str], images: np.ndarray,
                    method: str = "rollout", head_fusion: str = "mean", discard_ratio: float = 0.0,
-                   target: int | None = None, top_k: int = 5,
-                   say: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+                   target: int | None = None, top_k: int = 5, say: Callable[[str], None] | None = None,
+                   tokens: Tokens = Tokens()) -> tuple[list[dict[str, Any]], np.ndarray]:
     """For uint8 images (N x 3 x H x W at the source size): one JSON-ready record each (top-k
     classes, the class explained, the map as numbers) and the maps (N x grid x grid)."""
     check_options(method, head_fusion, discard_ratio)
@@ -189,7 +238,7 @@ def explain_images(model: nn.Module, preprocessing: Preprocessing, class_names: 
     for first in range(0, len(images), EXPLAIN_CHUNK):  # bounded memory: attention of every layer is kept per chunk
         chunk = torch.from_numpy(np.ascontiguousarray(images[first:first + EXPLAIN_CHUNK]))
         chosen = None if target is None else torch.full((len(chunk),), target, dtype=torch.int64)
-        results.append(explain_batch(model, preprocess(chunk), method, head_fusion, discard_ratio, chosen))
+        results.append(explain_batch(model, preprocess(chunk), method, head_fusion, discard_ratio, chosen, tokens))
         done = first + len(chunk)
         if say is not None and done < len(images) and ticker.due():
             say(f"explained {done}/{len(images)} images")
@@ -211,6 +260,8 @@ def explain_images(model: nn.Module, preprocessing: Preprocessing, class_names: 
             "patch_size": preprocessing.input_size // grid,
             "input_size": preprocessing.input_size,
             "map": np.round(heat, 5).tolist(),
-            "map_definition": "relevance of each patch (row-major, top-left first) to the class token, scaled to a maximum of 1",
+            "map_definition": "relevance of each patch (row-major, top-left first) to the token(s) the head reads "
+                              "(the class token; for distilled models also the distillation token; for pooled models "
+                              "the patches' mean), scaled to a maximum of 1",
         })
     return records, maps

@@ -3,14 +3,17 @@ consumer (predict, explain, serve) turns an arbitrary picture into model input.
 
 Decoding is bounded against decompression bombs; pictures are taken as displayed (EXIF
 orientation, high bit depths scaled, transparency over white; see `to_rgb`); any size is
-accepted and resized to the dataset's resolution with PIL's antialiased bicubic filter (a
-32x32 RGB image is used as it is), after which the model's own preprocessing (in the ONNX
-graph or the PyTorch backend) does the rest.
+accepted and brought to the model's source size by `Fit`: squeezed whole with PIL's
+antialiased bicubic filter (a 32x32 RGB image is used as it is), or, for a model published
+with a crop, resized on the shorter side and centre-cropped; after which the model's own
+preprocessing (in the ONNX graph or the PyTorch backend) does the rest.
 """
 
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +24,8 @@ from vitdeploy.errors import VitDeployError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from vitdeploy.preprocess import Preprocessing
+
 MAX_PIXELS = 40_000_000  # a 20,000 x 2,000 image; anything larger is refused before decoding
 MIN_SIDE = 2
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as on a plain page
@@ -30,13 +35,48 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2
                     "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How a picture becomes the size x size square: squeezed whole (`crop_fraction` None, bicubic),
+    or its shorter side resized to floor(size / crop_fraction) with `resample`, centre-cropped."""
+
+    size: int
+    crop_fraction: float | None = None
+    resample: str = "bicubic"
+
+    @classmethod
+    def of(cls, preprocessing: Preprocessing) -> Fit:
+        """The fit a model's preprocessing asks for (see `Preprocessing.crop_fraction`)."""
+        if preprocessing.crop_fraction is None:
+            return cls(preprocessing.source_size)
+        return cls(preprocessing.source_size, preprocessing.crop_fraction, preprocessing.resize_mode)
+
+    @property
+    def scale_size(self) -> int:
+        """The shorter side before the centre crop."""
+        return self.size if self.crop_fraction is None else math.floor(self.size / self.crop_fraction)
+
+
+def fit_array(images: np.ndarray, fit: Fit) -> np.ndarray:
+    """uint8 N x 3 x H x W images brought to `fit` as decoded pictures are (test images for parity and
+    calibration at a model's own size); returned as they are when already of that size and squeezed."""
+    from PIL import Image
+
+    if fit.crop_fraction is None and images.shape[-2:] == (fit.size, fit.size):
+        return images
+    out = np.empty((len(images), 3, fit.size, fit.size), np.uint8)
+    for i, chw in enumerate(images):
+        out[i] = np.asarray(_resized(Image.fromarray(np.ascontiguousarray(chw.transpose(1, 2, 0))), fit)).transpose(2, 0, 1)
+    return out
+
+
 def decoded_bytes(width: int, height: int, mode: str) -> int:
     """Memory of the decoded picture before any conversion: what one decode costs at least."""
     return width * height * _BYTES_PER_PIXEL.get(mode, 4)
 
 
-def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
-    """uint8 array of shape (3, size, size) from PNG/JPEG/WebP/... bytes, as the picture is displayed.
+def decode_image(data: bytes, fit: Fit | int, name: str = "image") -> np.ndarray:
+    """uint8 array of shape (3, size, size) (`fit`, or a size to squeeze to) from PNG/JPEG/WebP/... bytes, as the picture is displayed.
 
     The one decoder of every consumer (predict, explain, serve): EXIF orientation applied,
     every pixel mode brought to 8-bit RGB by `to_rgb`, then resized. Whatever a decoder
@@ -46,10 +86,11 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
 
     if not data:
         raise VitDeployError(f"{name} is empty")
+    fit = fit if isinstance(fit, Fit) else Fit(fit)
     try:
         with Image.open(io.BytesIO(data)) as image:
             check_size(image.size, name)
-            rgb = to_rgb(image, size)
+            rgb = to_rgb(image, fit)
             array = np.asarray(rgb, dtype=np.uint8)
     except VitDeployError:
         raise
@@ -86,8 +127,8 @@ def header(data: bytes) -> tuple[int, int, str] | None:
         return None
 
 
-def to_rgb(image: Image.Image, size: int) -> Image.Image:
-    """8-bit RGB of a decoded picture at size x size, upright as displayed.
+def to_rgb(image: Image.Image, fit: Fit) -> Image.Image:
+    """8-bit RGB of a decoded picture at fit.size x fit.size, upright as displayed.
 
     - EXIF orientation (phone photos) is applied first.
     - 16-bit and 32-bit integer grayscale (modes I;16*, I) are scaled from 0..65535 to
@@ -99,7 +140,7 @@ def to_rgb(image: Image.Image, size: int) -> Image.Image:
       or L picture) is composited over white; RGBA and LA are resized first (Pillow
       resizes them with premultiplied alpha), so compositing happens at the small size.
     - Everything else (L, 1, P, CMYK, YCbCr, LAB, ...) goes through Pillow's own conversion.
-    The result is resized to size x size with the bicubic filter (antialiased).
+    The result is resized as `fit` says (Pillow's filters antialias when they shrink).
     """
     from PIL import Image, ImageOps
 
@@ -112,18 +153,29 @@ def to_rgb(image: Image.Image, size: int) -> Image.Image:
     elif mode == "PA":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
-        small = _resized(image, size).convert("RGBA")
+        small = _resized(image, fit).convert("RGBA")
         background = Image.new("RGBA", small.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, small).convert("RGB")
     if image.mode in ("1", "P"):
         image = image.convert("RGB")  # palette indices and bits do not average: resize the colours
-    return _resized(image, size).convert("RGB")
+    return _resized(image, fit).convert("RGB")
 
 
-def _resized(image: Image.Image, size: int) -> Image.Image:
+_RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
+
+
+def _resized(image: Image.Image, fit: Fit) -> Image.Image:
     from PIL import Image
 
-    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+    resample = getattr(Image.Resampling, _RESAMPLE[fit.resample])
+    if fit.crop_fraction is None:
+        return image if image.size == (fit.size, fit.size) else image.resize((fit.size, fit.size), resample)
+    # The centre square the crop keeps, in the picture's own pixels: resizing just that box (Pillow's
+    # `box`) is the resize-then-crop of timm and Hugging Face without ever making the large resized picture.
+    width, height = image.size
+    side = min(width, height) * fit.size / fit.scale_size
+    left, top = (width - side) / 2, (height - side) / 2
+    return image.resize((fit.size, fit.size), resample, box=(left, top, left + side, top + side))
 
 
 def _eight_bit_gray(image: Image.Image) -> Image.Image:
@@ -146,11 +198,11 @@ def _eight_bit_gray(image: Image.Image) -> Image.Image:
     return Image.fromarray(out, "L")
 
 
-def load_image_file(path: Path, size: int) -> np.ndarray:
+def load_image_file(path: Path, fit: Fit | int) -> np.ndarray:
     """An image file as decode_image makes it; a folder or a missing file is named as such."""
     path = Path(path)
     if path.is_dir():
         raise VitDeployError(f"{path} is a folder, not an image file; name the images in it (e.g. {path}/*.png)")
     if not path.is_file():
         raise VitDeployError(f"image {path} does not exist")
-    return decode_image(path.read_bytes(), size, str(path))
+    return decode_image(path.read_bytes(), fit, str(path))

@@ -1,16 +1,22 @@
-"""The model registry: every ViT vitdeploy trains, by name, with its input size,
-loadable weights, preprocessing and the kind of training recipe it takes (`train.recipes`).
+"""Models by name: the registry of torchvision ViTs vitdeploy trains, and the names of
+the other sources (`timm:NAME`, `hf:FOLDER_OR_REPO`, see `vitdeploy.sources`), each with
+its input size, loadable weights, preprocessing and the kind of training recipe it takes
+(`train.recipes`).
 
-All entries are torchvision's `VisionTransformer` class (the torchvision variants with
-their published shapes, the CIFAR-native ones at 32 px with 4 px patches), so every
-model shares one code path through training, export and serving. Weights come from
-local files only: torchvision's ImageNet checkpoints from the torch hub cache (fetched
-there when online), or a file given with --weights.
+Registry entries are torchvision's `VisionTransformer` class (the torchvision variants
+with their published shapes, the CIFAR-native ones at 32 px with 4 px patches). A
+`ModelSpec` says everything the rest of vitdeploy needs of any model (how to build it,
+where its head, blocks and embeddings are, its preprocessing and classes), so every model
+shares one code path through training, export and serving. Weights come from local files
+only: torchvision's ImageNet checkpoints from the torch hub cache (fetched there when
+online), timm and Hugging Face weights from the Hugging Face cache or a folder, or a
+file given with --weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,7 @@ from typing import Any
 import torch
 from torchvision.models.vision_transformer import VisionTransformer
 
-from vitdeploy.checkpoint import FORMAT, load_checkpoint, resolve_checkpoint, safe_load
+from vitdeploy.checkpoint import FORMAT, load_checkpoint, read_weights, resolve_checkpoint, safe_load
 from vitdeploy.errors import VitDeployError
 from vitdeploy.preprocess import (
     CIFAR_MEAN,
@@ -28,12 +34,16 @@ from vitdeploy.preprocess import (
     Preprocessing,
 )
 
-HEAD_PREFIX = "heads."
+SOURCES = ("torchvision", "timm", "hf")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry. `pretrained` maps a weights tag to torchvision's weights enum."""
+    """One model by name. `pretrained` maps a weights tag to torchvision's weights enum (registry
+    models) or to the local weights file a timm/Hugging Face model loads ("local"). `build`
+    holds what its source needs to rebuild the architecture (plain types: it is stored in
+    checkpoints, so a deployment needs no hub cache); `labels` are the model's own class
+    names, `crop_fraction` and `interpolation` its published evaluation transform."""
 
     name: str
     description: str
@@ -48,13 +58,66 @@ class ModelSpec:
     family: str  # whose training recipes it takes: "finetune" or "scratch" (vitdeploy.train.recipes)
     default_recipe: str
     pretrained: dict[str, str] = field(default_factory=dict)
+    source: str = "torchvision"
+    build: dict[str, Any] = field(default_factory=dict)
+    interpolation: str = "bilinear"
+    crop_fraction: float | None = None
+    labels: tuple[str, ...] = ()
+    prefix_tokens: int = 1  # class token, distillation token, registers: before the patch tokens
+    readout_tokens: int = 1  # leading tokens the head reads (class, distillation); 0: the mean of the patch tokens
+    head_prefixes: tuple[str, ...] = ("heads.",)  # parameters replaced for a new class count
+    block_pattern: str = r"encoder\.layers\.encoder_layer_(\d+)\."  # group 1: the block index
+    embed_pattern: str = r"(conv_proj|class_token|encoder\.pos_embedding)"
+    no_decay: tuple[str, ...] = ("class_token", "pos_embedding")  # name endings kept out of weight decay
 
     @property
     def default_pretrained(self) -> str | None:
         return next(iter(self.pretrained), None)
 
     def preprocessing(self, source_size: int = 32) -> Preprocessing:
-        return Preprocessing(source_size, self.input_size, "bilinear", self.mean, self.std)
+        """Training on source_size-px images (CIFAR-10): resized to the model's input size in the model's mode."""
+        return Preprocessing(source_size, self.input_size, self.interpolation, self.mean, self.std)
+
+    def own_preprocessing(self) -> Preprocessing:
+        """Deploying the model as published: pictures fitted to its input size with its crop."""
+        return Preprocessing(self.input_size, self.input_size, self.interpolation, self.mean, self.std, self.crop_fraction)
+
+    def layer_id(self, name: str) -> int:
+        """0 for the patch/position embeddings and prefix tokens, i+1 for block i, num_layers+1 for the rest."""
+        if re.match(self.embed_pattern, name):
+            return 0
+        block = re.match(self.block_pattern, name)
+        return int(block.group(1)) + 1 if block else self.num_layers + 1
+
+    def is_head(self, key: str) -> bool:
+        return key.startswith(self.head_prefixes)
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain types, for checkpoints (weights_only loading)."""
+        record = asdict(self)
+        for key in ("mean", "std", "labels", "head_prefixes", "no_decay"):
+            record[key] = list(record[key])
+        return record
+
+    @classmethod
+    def from_record(cls, record: Any, where: str) -> ModelSpec:
+        """A spec stored by `to_record`, checked field by field (a checkpoint may be hostile)."""
+        names = {f for f in cls.__dataclass_fields__}
+        if not isinstance(record, dict) or set(record) != names:
+            raise VitDeployError(f"{where} holds a damaged model description; use a checkpoint written by `vitdeploy train` or export")
+        try:
+            spec = cls(**{**record, **{k: tuple(record[k]) for k in ("mean", "std", "labels", "head_prefixes", "no_decay")}})
+            for pattern in (spec.block_pattern, spec.embed_pattern):
+                re.compile(pattern)
+            ok = (spec.source in SOURCES and 1 <= spec.num_layers <= 1000 and 2 <= spec.input_size <= 1024
+                  and all(isinstance(v, str) for v in (*spec.labels, *spec.head_prefixes, *spec.no_decay))
+                  and isinstance(spec.build, dict) and spec.interpolation in ("bilinear", "bicubic", "nearest"))
+            spec.own_preprocessing()  # the numbers' ranges
+        except (TypeError, ValueError, re.error, VitDeployError) as exc:
+            raise VitDeployError(f"{where} holds a damaged model description ({str(exc)[:120]})") from None
+        if not ok:
+            raise VitDeployError(f"{where} holds a damaged model description (fields out of range)")
+        return spec
 
 
 def _torchvision(name: str, patch: int, layers: int, heads: int, hidden: int, mlp: int, weights: dict[str, str]) -> ModelSpec:
@@ -72,6 +135,7 @@ def _torchvision(name: str, patch: int, layers: int, heads: int, hidden: int, ml
         family="finetune",
         default_recipe="short",
         pretrained=weights,
+        crop_fraction=0.875,  # torchvision's evaluation transform: resize to 256, centre crop 224
     )
 
 
@@ -116,14 +180,35 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def get_spec(name: str) -> ModelSpec:
+    """The spec a model name means: a registry name, `timm:NAME` or `hf:FOLDER_OR_REPO`."""
+    from vitdeploy import sources
+
+    source = sources.source_of(name)
+    if source == "timm":
+        from vitdeploy.sources import timm_vit
+
+        return timm_vit.spec(name)
+    if source == "hf":
+        from vitdeploy.sources import hf_vit
+
+        return hf_vit.spec(name)
     try:
         return REGISTRY[name]
     except KeyError:
-        raise VitDeployError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)} (see `vitdeploy models`)") from None
+        raise VitDeployError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}, or name a timm or Hugging "
+                             "Face model as timm:NAME or hf:FOLDER_OR_REPO (see `vitdeploy models`)") from None
 
 
-def build_model(spec: ModelSpec, num_classes: int = 10) -> VisionTransformer:
-    """A freshly initialized model with a `num_classes` head."""
+def build_model(spec: ModelSpec, num_classes: int = 10) -> torch.nn.Module:
+    """A freshly initialized model with a `num_classes` head: a module from normalized images to logits."""
+    if spec.source == "timm":
+        from vitdeploy.sources import timm_vit
+
+        return timm_vit.build(spec, num_classes)
+    if spec.source == "hf":
+        from vitdeploy.sources import hf_vit
+
+        return hf_vit.build(spec, num_classes)
     return VisionTransformer(
         image_size=spec.input_size,
         patch_size=spec.patch_size,
@@ -180,13 +265,13 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, Any], spec: ModelS
         else:
             usable[key] = value
     missing = [k for k in own if k not in usable]
-    body_problems = [m for m in mismatched if not m.startswith(HEAD_PREFIX)] + unexpected
-    body_missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
-    if body_problems or body_missing:
-        example = (body_problems + body_missing)[0]
+    body_mismatched = [m for m in mismatched if not spec.is_head(m)]
+    body_missing = [k for k in missing if not spec.is_head(k)]
+    if body_mismatched or unexpected or body_missing:
+        example = (body_mismatched + unexpected + body_missing)[0]
         raise VitDeployError(
             f"{source} does not fit {spec.name}: {len(body_missing)} missing, {len(unexpected)} unexpected and "
-            f"{len([m for m in mismatched if not m.startswith(HEAD_PREFIX)])} mis-shaped tensors (e.g. {example}); "
+            f"{len(body_mismatched)} mis-shaped tensors (e.g. {example}); "
             f"pass weights saved from {spec.name}, or choose the --model they belong to"
         )
     model.load_state_dict(usable, strict=False)
@@ -205,10 +290,20 @@ def hub_cache_file(spec: ModelSpec, tag: str) -> tuple[Path, str]:
 
 
 def load_pretrained(model: torch.nn.Module, spec: ModelSpec, tag: str | None = None) -> LoadReport:
-    """torchvision's ImageNet weights from the hub cache, downloading them there when online."""
+    """The model's published weights: torchvision's from the torch hub cache (downloaded there when
+    online), timm's and Hugging Face's from their local file (never downloaded)."""
+    if spec.source == "hf":
+        from vitdeploy.sources import hf_vit
+
+        return hf_vit.load_pretrained(model, spec)
     tag = tag or spec.default_pretrained
     if tag is None:
         raise VitDeployError(f"{spec.name} has no pretrained weights; drop --pretrained or pass --weights FILE")
+    if spec.source == "timm":
+        from vitdeploy.sources import timm_vit
+
+        path = timm_vit.cached_weights(spec)
+        return apply_state_dict(model, read_weights(path, "weights file"), spec, str(path))
     path, url = hub_cache_file(spec, tag)
     if not path.is_file():
         try:
@@ -224,8 +319,12 @@ def load_pretrained(model: torch.nn.Module, spec: ModelSpec, tag: str | None = N
 
 
 def load_weights_file(model: torch.nn.Module, spec: ModelSpec, path: Path) -> LoadReport:
-    """A local torchvision-format state dict or vitdeploy checkpoint."""
-    data = safe_load(Path(path), "weights file")
+    """A local state dict of the model's own layout (safetensors, or a torch file of tensors) or a
+    vitdeploy checkpoint."""
+    if spec.source == "hf":
+        raise VitDeployError(f"{spec.name}: a Hugging Face model takes its weights from its folder (config.json and "
+                             "model.safetensors); drop --weights, or name the folder the weights are in as hf:FOLDER")
+    data = read_weights(Path(path), "weights file")
     if isinstance(data, dict) and data.get("format") == FORMAT:
         if data.get("model_name") != spec.name:
             raise VitDeployError(
@@ -259,9 +358,23 @@ def checkpoint_weights(checkpoint: dict[str, Any]) -> tuple[str, Any]:
     return "model", checkpoint["model"]
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> tuple[ModelSpec, VisionTransformer]:
-    """The registry spec and the model with the deployed weights of a loaded vitdeploy checkpoint."""
-    spec = get_spec(checkpoint["model_name"])
+def spec_of_checkpoint(checkpoint: dict[str, Any], source: str) -> ModelSpec:
+    """The spec a checkpoint was written with: the registry's for a registry model, else the
+    description it carries (so a deployment needs neither the hub cache nor the model folder)."""
+    name = checkpoint["model_name"]
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if "model_source" not in checkpoint:
+        return get_spec(name)  # an unknown name: its one error
+    spec = ModelSpec.from_record(checkpoint["model_source"], source)
+    if spec.name != name:
+        raise VitDeployError(f"{source} holds a damaged model description (it names {spec.name!r}, the checkpoint {name!r})")
+    return spec
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str) -> tuple[ModelSpec, torch.nn.Module]:
+    """The spec and the model with the deployed weights of a loaded vitdeploy checkpoint."""
+    spec = spec_of_checkpoint(checkpoint, source)
     model = build_model(spec, len(checkpoint["class_names"]))
     kind, state = checkpoint_weights(checkpoint)
     load_exact_state(model, state, spec, source if kind == "model" else f"{source} (EMA weights)")
@@ -276,7 +389,7 @@ class LoadedModel:
     path: Path
     checkpoint: dict[str, Any]
     spec: ModelSpec
-    module: VisionTransformer
+    module: torch.nn.Module
     preprocessing: Preprocessing
     class_names: list[str]
 

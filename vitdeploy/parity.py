@@ -45,16 +45,18 @@ def top2_margin(logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, tolerance: Tolerance) -> dict[str, Any]:
-    """Parity metrics of `candidate` against `reference` logits, and whether they pass `tolerance`."""
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, tolerance: Tolerance) -> dict[str, Any]:
+    """Parity metrics of `candidate` against `reference` logits, and whether they pass `tolerance`.
+    Without `labels` (a model whose classes are not the test set's), accuracy is None and the
+    parity is the logits and the top-1 agreement alone."""
     finite = np.isfinite(candidate).all(axis=1)
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     diff_finite = diff[finite] if finite.any() else np.zeros((1, 1))
     ref_top1, cand_top1 = reference.argmax(1), candidate.argmax(1)
     disagree = ref_top1 != cand_top1
     margins = top2_margin(reference)
-    ref_acc = float((ref_top1 == labels).mean() * 100)
-    cand_acc = float((cand_top1 == labels).mean() * 100)
+    ref_acc = None if labels is None else float((ref_top1 == labels).mean() * 100)
+    cand_acc = None if labels is None else float((cand_top1 == labels).mean() * 100)
     worst_margin = float(margins[disagree].max()) if disagree.any() else None
     failures = []
     if not finite.all():
@@ -63,10 +65,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, to
         failures.append(f"max abs logit difference {diff_finite.max():.3g} > {tolerance.max_abs:g}")
     if worst_margin is not None and tolerance.margin is not None and worst_margin >= tolerance.margin:
         failures.append(f"top-1 changed on an image whose reference top-2 margin is {worst_margin:.3g} >= {tolerance.margin:g}")
-    if ref_acc - cand_acc > tolerance.max_accuracy_drop + 1e-9:
+    if ref_acc is not None and cand_acc is not None and ref_acc - cand_acc > tolerance.max_accuracy_drop + 1e-9:
         failures.append(f"accuracy {cand_acc:.2f}% is {ref_acc - cand_acc:.2f} points below the reference {ref_acc:.2f}%")
     return {
-        "images": int(len(labels)),
+        "images": int(len(reference)),
         "top1_agreement": float((~disagree).mean()),
         "disagreements": int(disagree.sum()),
         "max_margin_of_disagreement": worst_margin,
@@ -87,6 +89,7 @@ def describe(metrics: dict[str, Any]) -> str:
     return (
         f"{metrics['images']} images: top-1 agreement {100 * metrics['top1_agreement']:.2f}%, "
         f"max |dlogit| {metrics['max_abs_logit_diff']:.2e}, mean {metrics['mean_abs_logit_diff']:.2e}, "
-        f"accuracy {metrics['accuracy_pct']:.2f}% (reference {metrics['reference_accuracy_pct']:.2f}%), "
-        f"NaN/Inf {metrics['nan_inf_images']} -> {verdict}"
+        + (f"accuracy {metrics['accuracy_pct']:.2f}% (reference {metrics['reference_accuracy_pct']:.2f}%), "
+           if metrics["accuracy_pct"] is not None else "accuracy not measured (the model's classes are not CIFAR-10's), ")
+        + f"NaN/Inf {metrics['nan_inf_images']} -> {verdict}"
     )

@@ -31,6 +31,12 @@ class Preprocessing:
     """How to feed a model: uint8 RGB NCHW images of `source_size` px are scaled to
     [0, 1], normalized per channel with `mean`/`std`, then resized to `input_size` px
     with `resize_mode` (align_corners=False, no antialiasing: the resize only enlarges).
+
+    `crop_fraction` says how a picture of any size becomes the `source_size` square
+    (`images.to_rgb`): None squeezes the whole picture into it (CIFAR-style training); a
+    fraction f resizes the shorter side to floor(source_size / f) with `resize_mode`, then
+    takes the centre square, as a model published with that crop (timm's crop_pct,
+    Hugging Face's crop) was evaluated.
     """
 
     source_size: int
@@ -38,6 +44,7 @@ class Preprocessing:
     resize_mode: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.source_size <= MAX_SIDE or not 2 <= self.input_size <= MAX_SIDE:
@@ -50,6 +57,8 @@ class Preprocessing:
         if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in (*self.mean, *self.std)) \
                 or min(self.std) <= 0:
             raise VitDeployError("preprocessing needs 3 finite means and 3 positive standard deviations")
+        if self.crop_fraction is not None and not (math.isfinite(self.crop_fraction) and 0.25 <= self.crop_fraction <= 1):
+            raise VitDeployError(f"the crop fraction must lie in [0.25, 1] (got {self.crop_fraction})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so checkpoints stay loadable with weights_only=True."""
@@ -67,8 +76,9 @@ class Preprocessing:
                 resize_mode=str(data["resize_mode"]),
                 mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
                 std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+                crop_fraction=None if data.get("crop_fraction") is None else float(data["crop_fraction"]),
             )
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise VitDeployError(f"invalid preprocessing record {str(data)[:200]}: {exc}") from exc
 
 

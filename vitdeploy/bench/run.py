@@ -8,6 +8,7 @@ import gc
 import itertools
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -22,10 +23,12 @@ from vitdeploy.backends.base import Backend, run_batches
 from vitdeploy.backends.factory import missing_hint, model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.choices import BENCH_MODES
-from vitdeploy.data import load_test
+from vitdeploy.data import parity_set
 from vitdeploy.errors import VitDeployError
+from vitdeploy.images import Fit
 from vitdeploy.manifest import read_manifest
 from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
+from vitdeploy.preprocess import Preprocessing
 from vitdeploy.versions import (
     SIMD_FLAGS,
     cpu_flags,
@@ -181,12 +184,12 @@ def run_bench(options: BenchOptions, say: Say = print,
     for s in skipped:
         say(f"skipped {s['backend']}: {s['reason']}")
     data_dir = options.data_dir or Path(manifest.get("parity_data", {}).get("data_dir", "data"))
-    test = load_test(data_dir)
-    n = min(options.limit or len(test), len(test))
-    images, labels = test.images[:n].numpy(), test.labels[:n].numpy()
+    test = parity_set(data_dir, options.limit or sys.maxsize, Fit.of(Preprocessing.from_dict(manifest["preprocessing"])),
+                      manifest["model"]["class_names"])
+    images, labels, n = test.images, test.labels, len(test.images)
     batch_sizes = options.sizes(manifest)
-    say(f"accuracy and parity on {n} CIFAR-10 test images from {data_dir}; timing batch sizes "
-        f"{', '.join(map(str, batch_sizes))}")
+    say(f"{'accuracy and parity' if labels is not None else 'parity (no accuracy: the classes are not CIFAR-10s)'} on {n} "
+        f"CIFAR-10 test images from {data_dir}; timing batch sizes {', '.join(map(str, batch_sizes))}")
     bench = _Bench(options, manifest, images, labels, batch_sizes, say)
     with bench.open("pytorch", "fp32", compile=False) as reference:  # always eager fp32, without graphs
         ref_logits = run_batches(reference, images, bench.eval_batch, say, "reference pytorch fp32:")
@@ -260,7 +263,7 @@ class _Bench:
     options: BenchOptions
     manifest: dict[str, Any]
     images: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     batch_sizes: tuple[int, ...]
     say: Say
 

@@ -1,5 +1,5 @@
-"""`vitdeploy export`: checkpoint -> verified ONNX (fp32, optionally fp16), TensorRT
-engine, Triton repository and manifest.json.
+"""`vitdeploy export`: checkpoint, or a model as published (`published`), -> verified ONNX
+(fp32, optionally fp16 and INT8), TensorRT engine, Triton repository and manifest.json.
 
 Everything is written into a staging folder beside the output folder, manifest.json
 last, and the finished export replaces the folder's previous content in one step at the
@@ -25,12 +25,14 @@ from vitdeploy.backends import registry
 from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
+from vitdeploy.checkpoint import atomic_save
 from vitdeploy.choices import FP16_POLICIES
-from vitdeploy.data import load_splits, load_test
+from vitdeploy.data import ParitySet, load_splits, parity_set
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, staging, tensorrt, triton, trt_compat
 from vitdeploy.export import int8 as int8q
 from vitdeploy.files import check_output_dir
+from vitdeploy.images import Fit, fit_array
 from vitdeploy.manifest import (
     MANIFEST,
     Manifest,
@@ -41,7 +43,8 @@ from vitdeploy.manifest import (
     write_manifest,
 )
 from vitdeploy.models import LoadedModel, checkpoint_weights, load_model
-from vitdeploy.preprocess import Preprocess, Preprocessing
+from vitdeploy.preprocess import RESIZE_MODES, Preprocess, Preprocessing
+from vitdeploy.published import CHECKPOINT, load_published
 from vitdeploy.versions import cpu_flags, versions
 
 Say = Callable[[str], None]
@@ -69,6 +72,14 @@ class ExportOptions:
     timing_cache: Path | None = None
     hardware_compatible: bool = False
     version_compatible: bool = False
+    weights: Path | None = None  # a model name as SOURCE: its weights file (else its cached or folder weights)
+    class_names: Path | None = None  # a model name as SOURCE: its class names, one per line
+    resize: str | None = None  # the graph's resize mode, where the model's cannot become an engine (bicubic)
+
+    @property
+    def published(self) -> bool:
+        """Whether SOURCE names a model (timm:, hf:, a registry name) rather than a run folder or checkpoint."""
+        return not Path(self.source).exists()
 
     @property
     def opt(self) -> int:
@@ -99,6 +110,11 @@ class ExportOptions:
             raise VitDeployError(f"unknown --fp16-policy {self.fp16_policy!r}; choose {' or '.join(FP16_POLICIES)}")
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
+        if self.resize is not None and self.resize not in RESIZE_MODES:
+            raise VitDeployError(f"--resize must be one of {', '.join(RESIZE_MODES)} (got {self.resize})")
+        if not self.published and (self.weights or self.class_names):
+            raise VitDeployError("--weights and --class-names are for a model name as SOURCE (e.g. timm:NAME); "
+                                 "a checkpoint carries its own weights and class names")
 
 
 def _tensorrt_plan(options: ExportOptions) -> tuple[Any | None, str | None]:
@@ -121,25 +137,47 @@ def _tensorrt_plan(options: ExportOptions) -> tuple[Any | None, str | None]:
 
 @dataclass(frozen=True)
 class _Source:
-    """What the export starts from: the checkpoint, its model and preprocessing, and the test images."""
+    """What the export starts from: the checkpoint (`path`, the file hashed; `recorded`, where the
+    manifest says it is), its model, its preprocessing and the graph's (`--resize`), and the test images."""
 
     path: Path
+    recorded: Path
     checkpoint: dict[str, Any]
     spec: Any
     model: torch.nn.Module
     preprocessing: Preprocessing
+    graph_preprocessing: Preprocessing
     class_names: list[str]
     data_dir: Path
-    images: np.ndarray
-    labels: np.ndarray
+    parity: ParitySet
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.parity.images
 
     @classmethod
     def load(cls, options: ExportOptions, loaded: LoadedModel) -> _Source:
-        data_dir = Path(options.data_dir or loaded.checkpoint["config"]["data_dir"])
-        test = load_test(data_dir)
-        n = min(options.parity_images, len(test))
-        return cls(loaded.path, loaded.checkpoint, loaded.spec, loaded.module, loaded.preprocessing, loaded.class_names,
-                   data_dir, test.images[:n].numpy(), test.labels[:n].numpy())
+        data_dir = _data_dir(options, loaded.checkpoint)
+        test = parity_set(data_dir, options.parity_images, Fit.of(loaded.preprocessing), loaded.class_names)
+        graph = replace(loaded.preprocessing, resize_mode=options.resize) if options.resize else loaded.preprocessing
+        return cls(loaded.path, loaded.path, loaded.checkpoint, loaded.spec, loaded.module, loaded.preprocessing, graph,
+                   loaded.class_names, data_dir, test)
+
+
+def _data_dir(options: ExportOptions, checkpoint: dict[str, Any]) -> Path:
+    """--data-dir, else the run's; a published model has no run: it must be given."""
+    found = options.data_dir or checkpoint["config"].get("data_dir")
+    if found is None:
+        raise VitDeployError("a model exported as published has no training run to take CIFAR-10 from: pass --data-dir "
+                             "with cifar-10-batches-py (its test images are the parity set)")
+    return Path(found)
+
+
+def _load(options: ExportOptions) -> LoadedModel:
+    """The model SOURCE means: a run folder or checkpoint, else a model name deployed as published."""
+    if not options.published:
+        return load_model(options.source)
+    return load_published(str(options.source), options.weights, options.class_names, options.out / CHECKPOINT)
 
 
 @dataclass(frozen=True)
@@ -152,7 +190,7 @@ class _Verifier:
     options: ExportOptions
     feed: np.ndarray
     ref_logits: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     say: Say
     cuda: bool  # ONNX Runtime's CUDA provider runs here: probed once, not per file
 
@@ -214,10 +252,10 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     check_output_dir(options.out, "--out")  # before any long work
     if options.triton is not None:
         check_output_dir(options.triton, "--triton")
-    loaded = load_model(options.source)
+    loaded = _load(options)
     trt, no_trt_reason = _tensorrt_plan(options)  # before any long work: an explicit --trt fails here
     source = _Source.load(options, loaded)
-    calibration = _calibration_images(options, loaded.checkpoint, source.data_dir) if options.int8 else None
+    calibration = _calibration_images(options, source) if options.int8 else None
     staging_dir = staging.prepare_out(options.out, options.force)
     try:
         manifest = _export_into(staging_dir, options, source, calibration, trt, no_trt_reason, say)
@@ -234,19 +272,29 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
 def _export_into(folder: Path, options: ExportOptions, source: _Source, calibration: np.ndarray | None, trt: Any,
                  no_trt_reason: str | None, say: Say) -> dict[str, Any]:
     """Every file of the export, verified, and manifest.json last, in `folder`; returns the manifest."""
-    contract = input_spec(source.preprocessing, options.preprocess_in_graph)
-    feed = source.images if options.preprocess_in_graph else Preprocess(source.preprocessing)(torch.from_numpy(source.images)).numpy()
+    if options.published:  # its checkpoint goes with the graphs: the PyTorch reference of bench, serve and explain
+        atomic_save(source.checkpoint, folder / CHECKPOINT)
+        source = replace(source, path=folder / CHECKPOINT)
+        say(f"{source.spec.name} as published: weights {source.checkpoint['config']['published']['weights']}, "
+            f"{len(source.class_names)} classes, {source.preprocessing.input_size} px; its checkpoint: {source.recorded}")
+    graph = source.graph_preprocessing
+    if graph != source.preprocessing:
+        say(f"the graph resizes with {graph.resize_mode} (--resize), the model with {source.preprocessing.resize_mode}: "
+            "the parity lines below are what that costs")
+    contract = input_spec(graph, options.preprocess_in_graph)
+    feed = source.images if options.preprocess_in_graph else Preprocess(graph)(torch.from_numpy(source.images)).numpy()
     weights = checkpoint_weights(source.checkpoint)[0]
     say(f"weights: {'the EMA of the run (what it evaluated and chose best.pt by)' if weights == 'ema' else 'the trained weights'} "
         f"of {source.path}")
-    say(f"reference: PyTorch fp32 on {len(source.images)} test images from {source.data_dir}")
+    say(f"reference: PyTorch fp32 on {len(source.images)} test images from {source.data_dir}"
+        + ("" if source.parity.labels is not None else " (accuracy not measured: the model's classes are not CIFAR-10's)"))
     with TorchBackend(source.model, source.preprocessing) as reference:
         ref_logits = run_batches(reference, source.images, options.max_batch, say, "reference:")
-    verify = _Verifier(folder, options, feed, ref_logits, source.labels, say, registry.get("ort-cuda").probe()[0])
+    verify = _Verifier(folder, options, feed, ref_logits, source.parity.labels, say, registry.get("ort-cuda").probe()[0])
     ckpt_hash = sha256_file(source.path)
     artifacts, external = _onnx_graphs(folder, options, source, contract, ckpt_hash, verify, say)
     if options.int8:
-        artifacts += _export_int8(folder, options, calibration, verify, say, external, source.preprocessing.input_size)
+        artifacts += _export_int8(folder, options, calibration, verify, say, external, graph.input_size)
     if trt is not None:
         engines = [("model_fp16.onnx", "fp16") if options.fp16 else ("model.onnx", "fp32")]
         engines += [("model_int8_trt.onnx", "int8")] if options.int8 else []
@@ -255,7 +303,7 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
         say(f"no TensorRT engine: {no_trt_reason}")
     manifest = _manifest(options, source, contract, ckpt_hash, weights, artifacts, no_trt_reason)
     if options.triton is not None:
-        manifest["triton"] = _write_triton(options.triton, folder, source.spec.name, manifest)
+        manifest["triton"] = _write_triton(options.triton, folder, triton.model_stem(source.spec.name), manifest)
         say(f"Triton model repository: {options.triton}")
     write_manifest(folder, manifest)
     return manifest
@@ -267,14 +315,14 @@ def _onnx_graphs(folder: Path, options: ExportOptions, source: _Source, contract
     metadata = {
         "vitdeploy.model": source.spec.name,
         "vitdeploy.class_names": ",".join(source.class_names),
-        "vitdeploy.preprocessing": _json(source.preprocessing.to_dict()),
+        "vitdeploy.preprocessing": _json(source.graph_preprocessing.to_dict()),
         "vitdeploy.input_contract": _json(contract),
         "vitdeploy.version": __version__,
         "vitdeploy.source_checkpoint_sha256": ckpt_hash,
     }
     say(f"exporting {source.spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch})")
-    module = onnx_export.InferenceModel(source.model, source.preprocessing, options.preprocess_in_graph)
-    example = onnx_export.example_input(source.preprocessing, options.preprocess_in_graph, max(2, min(options.max_batch, 4)))
+    module = onnx_export.InferenceModel(source.model, source.graph_preprocessing, options.preprocess_in_graph)
+    example = onnx_export.example_input(source.graph_preprocessing, options.preprocess_in_graph, max(2, min(options.max_batch, 4)))
     if options.max_batch < 2:
         example = example[:1]
     external = onnx_export.export_onnx(module, example, folder / "model.onnx", options.min_batch, options.max_batch, metadata)
@@ -307,10 +355,13 @@ def _manifest(options: ExportOptions, source: _Source, contract: dict[str, Any],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "vitdeploy_version": __version__, "versions": versions(),
         "parity_data": {"data_dir": str(source.data_dir), "images": len(source.images),
-                        "labels": "first N images of the CIFAR-10 test set"},
+                        "labels": source.parity.description},
         "tensorrt": {"built": any(a["kind"] == "tensorrt" for a in artifacts), "reason": no_trt_reason},
+        **({"resize": {"model": source.preprocessing.resize_mode, "graph": source.graph_preprocessing.resize_mode}}
+           if source.graph_preprocessing != source.preprocessing else {}),
+        **({"published": source.checkpoint["config"]["published"]} if options.published else {}),
     }
-    return Manifest(source.spec.name, tuple(source.class_names), source.path, ckpt_hash, source.preprocessing, contract,
+    return Manifest(source.spec.name, tuple(source.class_names), source.recorded, ckpt_hash, source.graph_preprocessing, contract,
                     (options.min_batch, options.opt, options.max_batch), tuple(artifacts), weights, details).to_json()
 
 
@@ -325,17 +376,17 @@ def _failures(artifacts: list[dict[str, Any]]) -> list[str]:
     return failed
 
 
-def _calibration_images(options: ExportOptions, checkpoint: dict[str, Any], data_dir: Path) -> np.ndarray:
-    """`--calib-images` training images outside the run's validation split, drawn by `seed`."""
-    config = checkpoint["config"]
+def _calibration_images(options: ExportOptions, source: _Source) -> np.ndarray:
+    """`--calib-images` training images outside the run's validation split, drawn by `seed`, as the model takes them."""
+    config = source.checkpoint["config"]
     try:
-        train = load_splits(data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
+        train = load_splits(source.data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
     except VitDeployError as exc:
         raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
                              "pass --data-dir with the training batches") from None
     options.int8_options.validate(len(train))
     order = np.random.default_rng(options.int8_options.seed).permutation(len(train))[: options.int8_options.calib_images]
-    return train.images.numpy()[np.sort(order)]
+    return fit_array(train.images.numpy()[np.sort(order)], Fit.of(source.preprocessing))
 
 
 def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray, verify: _Verifier,

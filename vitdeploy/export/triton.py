@@ -9,11 +9,18 @@ release built with the same TensorRT version; the config records that version.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+
+
+def model_stem(model_name: str) -> str:
+    """A Triton model name from vitdeploy's (timm:X, hf:FOLDER): letters, digits, '.', '_' and '-' only."""
+    tail = model_name.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._-")[:100] or "model"
 
 
 def config_text(name: str, platform: str, max_batch: int, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from vitdeploy.images import decode_image, decoded_bytes, header
+from vitdeploy.images import Fit, decode_image, decoded_bytes, header
 
 LARGE_BYTES = 16 * 2**20  # e.g. a 2,400 x 2,400 RGB picture
 
@@ -24,17 +24,17 @@ LARGE_BYTES = 16 * 2**20  # e.g. a 2,400 x 2,400 RGB picture
 class Decoder:
     """Two thread pools; `decode` picks one by the picture's decoded size."""
 
-    def __init__(self, size: int, small_threads: int = 2) -> None:
-        self.size = size
+    def __init__(self, fit: Fit, small_threads: int = 2) -> None:
+        self.fit = fit
         self._small = ThreadPoolExecutor(max_workers=small_threads, thread_name_prefix="vitdeploy-decode")
         self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitdeploy-decode-large")
 
     async def decode(self, data: bytes, name: str) -> np.ndarray:
-        """uint8 (3, size, size) of one picture; raises VitDeployError for a refused or unreadable one."""
+        """uint8 (3, size, size) of one picture (fitted as the model's preprocessing says); raises VitDeployError for a refused or unreadable one."""
         loop = asyncio.get_running_loop()
         described = await loop.run_in_executor(self._small, header, data)
         large = described is not None and decoded_bytes(*described) > LARGE_BYTES
-        return await loop.run_in_executor(self._large if large else self._small, decode_image, data, self.size, name)
+        return await loop.run_in_executor(self._large if large else self._small, decode_image, data, self.fit, name)
 
     def close(self) -> None:
         self._small.shutdown(wait=False, cancel_futures=True)

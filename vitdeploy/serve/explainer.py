@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from vitdeploy.errors import VitDeployError
-from vitdeploy.explain import explain_images, load_explained_model
-from vitdeploy.preprocess import Preprocessing
+from vitdeploy.explain import Tokens, explain_images, load_explained_model
+from vitdeploy.models import LoadedModel
 
 
 class ExplainBusy(Exception):
@@ -30,8 +30,9 @@ class ExplainBusy(Exception):
 class Explainer:
     """A PyTorch model with its preprocessing and class names, explaining one image at a time."""
 
-    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, classes: list[str], max_waiting: int) -> None:
-        self.model, self.preprocessing, self.classes = model, preprocessing, classes
+    def __init__(self, loaded: LoadedModel, max_waiting: int) -> None:
+        self.loaded = loaded
+        self.classes = loaded.class_names
         self.max_waiting = max_waiting
         self.pending = 0  # running + waiting; changed on the event loop only
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitdeploy-explain")
@@ -48,10 +49,10 @@ class Explainer:
         if max_waiting == 0:
             return None, "explanations are turned off (--explain-queue 0)"
         try:
-            model, preprocessing, classes, _path = load_explained_model(artifacts, checkpoint)
+            loaded = load_explained_model(artifacts, checkpoint)
         except VitDeployError as exc:
             return None, f"no PyTorch model to explain with: {exc}"
-        return cls(model, preprocessing, classes, max_waiting), ""
+        return cls(loaded, max_waiting), ""
 
     def full(self) -> bool:
         """Whether an explanation asked for now would be refused (a cheap check before any work)."""
@@ -69,8 +70,9 @@ class Explainer:
 
     def _explain(self, image: np.ndarray, method: str, target: int) -> tuple[dict[str, Any], np.ndarray, float]:
         start = time.perf_counter()
-        records, maps = explain_images(self.model, self.preprocessing, self.classes, image[None], method, target=target,
-                                       top_k=len(self.classes))
+        loaded = self.loaded
+        records, maps = explain_images(loaded.module, loaded.preprocessing, self.classes, image[None], method, target=target,
+                                       top_k=len(self.classes), tokens=Tokens.of(loaded.spec))
         return records[0], maps[0], time.perf_counter() - start
 
     def close(self) -> None:

@@ -22,7 +22,9 @@ from vitdeploy.backends.factory import model_input, open_backend
 from vitdeploy.backends.graphs import power_of_two_buckets
 from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
+from vitdeploy.images import Fit
 from vitdeploy.manifest import read_or_describe
+from vitdeploy.preprocess import Preprocessing
 from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
 from vitdeploy.serve.config import ServeConfig
 from vitdeploy.serve.decoder import Decoder
@@ -85,7 +87,7 @@ class Service:
         self.classes: list[str] = manifest["model"]["class_names"]
         self.model_name: str = manifest["model"]["name"]
         self.metrics = Metrics()
-        self.decoder = Decoder(manifest["preprocessing"]["source_size"])
+        self.decoder = Decoder(Fit.of(Preprocessing.from_dict(manifest["preprocessing"])))
         self.batcher: Batcher | None = None
         self.ready = False
         self.in_flight = 0

@@ -42,6 +42,7 @@ from vitdeploy.models import (
     load_model,
     load_pretrained,
     load_weights_file,
+    spec_of_checkpoint,
 )
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.progress import Ticker, eta
@@ -113,7 +114,8 @@ class _Run:
         self.console = console
         self.ticker = Ticker()  # progress lines when not on a terminal
         self.dist = dist
-        self.spec = get_spec(config.model)
+        # resumed: the model the run was started with, even where the model's folder or the hub cache is gone
+        self.spec = get_spec(config.model) if resume is None else spec_of_checkpoint(resume, "the checkpoint to resume")
         self.out = Path(config.out)
         self.device = resolve_device(config.device)
         if dist.active and self.device.type == "cuda":
@@ -137,7 +139,7 @@ class _Run:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward_model = torch.compile(wrapped) if config.compile else wrapped
         self.optimizer = build_optimizer(
-            self.model, config.lr, config.weight_decay, config.layer_decay, self.spec.num_layers, fused=self.device.type == "cuda"
+            self.model, config.lr, config.weight_decay, config.layer_decay, self.spec, fused=self.device.type == "cuda"
         )
         self.schedule = WarmupCosine(self.optimizer, config.lr, self.total_steps, round(config.warmup_frac * self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -225,6 +227,7 @@ class _Run:
             "format_version": FORMAT_VERSION,
             "vitdeploy_version": __version__,
             "model_name": self.spec.name,
+            **({} if self.spec.source == "torchvision" else {"model_source": self.spec.to_record()}),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),

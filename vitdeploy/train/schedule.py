@@ -8,31 +8,23 @@ import math
 import torch
 from torch import nn
 
-_NO_DECAY_NAMES = ("class_token", "pos_embedding")
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for the patch/position embeddings, i+1 for encoder block i, num_layers+1 for the final norm and head."""
-    if name.startswith(("conv_proj", "class_token", "encoder.pos_embedding")):
-        return 0
-    prefix = "encoder.layers.encoder_layer_"
-    if name.startswith(prefix):
-        return int(name[len(prefix):].split(".", 1)[0]) + 1
-    return num_layers + 1
+from vitdeploy.models import ModelSpec
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, num_layers: int, fused: bool = False
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, spec: ModelSpec, fused: bool = False
 ) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and embeddings, and the LR of block i
-    scaled by layer_decay ** (depth - i), so pretrained early layers move least.
+    scaled by layer_decay ** (depth - i), so pretrained early layers move least (the model's
+    own blocks and embeddings, by `ModelSpec.layer_id`).
     `fused` selects the single-kernel implementation (for CUDA parameters)."""
     groups: dict[tuple[int, bool], dict] = {}
+    num_layers = spec.num_layers
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim > 1 and not name.endswith(_NO_DECAY_NAMES)
-        depth = layer_id(name, num_layers)
+        decay = param.ndim > 1 and not name.endswith(spec.no_decay)
+        depth = spec.layer_id(name)
         group = groups.setdefault((depth, decay), {
             "params": [],
             "weight_decay": weight_decay if decay else 0.0,

@@ -4,6 +4,7 @@ earlier one, decided here once (the CLI only passes the options along)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ def plan_start(options: dict[str, Any], resume: Path | None) -> RunStart:
         config = TrainConfig.from_dict(checkpoint["config"]).resumed(options)
         return RunStart(config, checkpoint, run_dir, f"resuming {config.model} from {resume} at step {checkpoint['step']}")
     name = options.pop("model") or DEFAULT_MODEL
-    options["out"] = options["out"] or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.rstrip("/").rsplit("/", 1)[-1])  # timm:X, hf:FOLDER: a plain folder name
+    options["out"] = options["out"] or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     return RunStart(TrainConfig.from_options(name, **options), None, None, None)
 
 

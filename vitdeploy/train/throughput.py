@@ -90,7 +90,7 @@ def measure(
         batch = batch_size or chosen.batch_size
         torch.manual_seed(0)
         model = build_model(spec).to(device)
-        optimizer = build_optimizer(model, chosen.lr, chosen.weight_decay, 1.0, spec.num_layers, fused=device.type == "cuda")
+        optimizer = build_optimizer(model, chosen.lr, chosen.weight_decay, 1.0, spec, fused=device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         ctx = StepContext(torch.compile(model) if compile else model, optimizer, scaler, device, precision, 1, 1.0, 0.1)
         by_source = {}

@@ -1,0 +1,157 @@
+"""`timm:NAME`: timm's Vision Transformers (`VisionTransformer` and the DeiT variants built
+on it: class, distillation and register tokens, any patch and input size timm allows).
+
+NAME is timm's `ARCH` or `ARCH.TAG` (e.g. `vit_small_patch16_224.augreg_in21k_ft_in1k`).
+The architecture, preprocessing and class names come from the cached model's
+config.json when the Hugging Face cache holds `timm/NAME` (timm's own hub layout), else
+from timm's built-in configuration of NAME; the weights from that cache or --weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitdeploy.errors import VitDeployError
+from vitdeploy.models import ModelSpec
+from vitdeploy.sources import hub_cache, import_extra
+
+PREFIX = "timm:"
+CONFIG_BYTES = 4 << 20  # a config.json larger than this is not one
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _ref(name: str) -> str:
+    ref = name[len(PREFIX):]
+    if "/" in ref or not hub_cache.valid_repo(ref):
+        raise VitDeployError(f"{name!r} is not a timm model name; write timm:ARCH or timm:ARCH.TAG "
+                             "(`vitdeploy models --source timm` lists them)")
+    return ref
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a model folder, refused when oversized or malformed."""
+    try:
+        if path.stat().st_size > CONFIG_BYTES:
+            raise VitDeployError(f"{what} {path} is larger than {CONFIG_BYTES >> 20} MiB; it is not a model configuration")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VitDeployError(f"{what} {path} is unreadable or not JSON ({str(exc)[:120]}); use an intact model folder") from None
+    if not isinstance(data, dict):
+        raise VitDeployError(f"{what} {path} is not a JSON object; use an intact model folder")
+    return data
+
+
+def _labels(config: dict[str, Any], pretrained_cfg: dict[str, Any], num_classes: int) -> tuple[str, ...]:
+    """The model's class names: its config's label_names, or ImageNet-1k's for a 1000-class head."""
+    names = config.get("label_names", pretrained_cfg.get("label_names"))
+    if isinstance(names, dict):
+        try:
+            names = [names[k] for k in sorted(names, key=int)]
+        except (TypeError, ValueError):
+            names = None
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return tuple(n[:200] for n in names)
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return tuple(info.index_to_description(i)[:200] for i in range(1000))
+    return ()
+
+
+def spec(name: str) -> ModelSpec:
+    """What `timm:NAME` is, read from local files only; a name timm does not know, or a model that
+    is not one of timm's ViTs, is refused."""
+    timm = import_extra("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    ref = _ref(name)
+    folder = hub_cache.snapshot(f"timm/{ref}")
+    config = read_json(folder / "config.json", "timm config") if folder and (folder / "config.json").is_file() else {}
+    arch = config.get("architecture", ref.split(".")[0])
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        close = timm.list_models(f"*{str(arch)[:40]}*")[:5]
+        raise VitDeployError(f"timm has no model {arch!r}" + (f" (close: {', '.join(close)})" if close else "")
+                             + "; `vitdeploy models --source timm` lists timm's ViTs")
+    pretrained_cfg = config.get("pretrained_cfg")
+    if not isinstance(pretrained_cfg, dict):
+        found = timm.models.get_pretrained_cfg(ref if "." in ref else arch)
+        pretrained_cfg = found.to_dict() if found is not None else {}
+    model_args = config.get("model_args", {})
+    if not isinstance(model_args, dict):
+        raise VitDeployError(f"{folder}/config.json has malformed model_args; use an intact model folder")
+    num_classes = config.get("num_classes", pretrained_cfg.get("num_classes", 1000))
+    if not isinstance(num_classes, int) or not 0 <= num_classes <= 100_000:
+        raise VitDeployError(f"{folder}/config.json has a malformed num_classes; use an intact model folder")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
+    except Exception as exc:  # noqa: BLE001 - timm's factories raise many types for bad arguments
+        raise VitDeployError(f"timm could not build {arch} with {model_args} ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if not isinstance(model, VisionTransformer):
+        raise VitDeployError(f"timm:{arch} is a {type(model).__name__}, not one of timm's Vision Transformers; "
+                             "vitdeploy deploys ViTs (`vitdeploy models --source timm` lists them)")
+    weights = hub_cache.weights_in(folder) if folder else None
+    expected = weights or hub_cache.repo_folder(f"timm/{ref}") / "snapshots" / "REVISION" / hub_cache.WEIGHT_FILES[0]
+    return _spec_of(model, name, {"architecture": arch, "model_args": model_args}, pretrained_cfg,
+                    _labels(config, pretrained_cfg, model.num_classes), str(expected))
+
+
+def _spec_of(model: Any, name: str, build: dict[str, Any], cfg: dict[str, Any], labels: tuple[str, ...],
+             weights: str) -> ModelSpec:
+    height, width = model.patch_embed.img_size
+    patch = model.patch_embed.patch_size
+    if height != width or patch[0] != patch[1]:
+        raise VitDeployError(f"{name} takes {height}x{width} images with {patch[0]}x{patch[1]} patches; vitdeploy's "
+                             "contract is square images and patches")
+    block = model.blocks[0]
+    fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
+    crop = cfg.get("crop_pct") if cfg.get("crop_mode", "center") != "squash" else None
+    interpolation = cfg.get("interpolation", "bicubic")
+    distilled = hasattr(model, "head_dist")
+    return ModelSpec(
+        name=name,
+        description=f"timm {build['architecture']}, {height} px, patch {patch[0]}",
+        input_size=int(height), patch_size=int(patch[0]), num_layers=len(model.blocks),
+        num_heads=int(block.attn.num_heads), hidden_dim=int(model.embed_dim),
+        mlp_dim=int(fc1.out_features) if fc1 is not None else 0,
+        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        family="finetune", default_recipe="short", pretrained={"local": weights},
+        source="timm", build=build,
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        crop_fraction=float(crop) if isinstance(crop, (int, float)) and 0.25 <= crop <= 1 else None,
+        labels=labels, prefix_tokens=int(model.num_prefix_tokens),
+        readout_tokens=(2 if distilled else 1) if model.global_pool == "token" else 0,
+        head_prefixes=("head.", "head_dist.") if distilled else ("head.",),
+        block_pattern=r"blocks\.(\d+)\.", embed_pattern=r"(patch_embed|cls_token|reg_token|dist_token|pos_embed)",
+        no_decay=("cls_token", "reg_token", "dist_token", "pos_embed"),
+    )
+
+
+def build(spec: ModelSpec, num_classes: int) -> torch.nn.Module:
+    timm = import_extra("timm")
+    return timm.create_model(spec.build["architecture"], pretrained=False, num_classes=num_classes, **spec.build["model_args"])
+
+
+def cached_weights(spec: ModelSpec) -> Path:
+    """The weights file `spec` was found with, or the error that says where it is looked for."""
+    path = Path(spec.pretrained["local"])
+    if not path.is_file():
+        ref = spec.name[len(PREFIX):]
+        raise VitDeployError(
+            f"no local weights for {spec.name}: looked for {path.name} in {path.parent} (the Hugging Face cache, "
+            f"{hub_cache.hub_dir()}; nothing is downloaded); copy timm/{ref} there (e.g. `hf download timm/{ref}` on "
+            "a machine online, then copy the cache), pass --weights FILE (safetensors or a torch state dict), "
+            "or train from random weights with --no-pretrained")
+    return path
+
+
+def model_names(pattern: str = "*") -> list[str]:
+    """timm's ViT and DeiT architectures (its vision_transformer and deit modules), by pattern."""
+    timm = import_extra("timm")
+    return sorted({*timm.list_models(pattern, module="vision_transformer"), *timm.list_models(pattern, module="deit")})
