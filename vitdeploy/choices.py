@@ -22,4 +22,6 @@ FP16_POLICIES = {  # how the fp16 ONNX graph is made from the fp32 one
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # ONNX Runtime's INT8 calibrators
 BENCH_MODES = ("end-to-end", "device")
 EXPLAIN_METHODS = ("rollout", "grad-rollout")
+MODEL_SOURCES = ("registry", "timm", "hf")  # vitdeploy models --source: where model names come from (vitdeploy.sources)
+RESIZE_MODES = ("bilinear", "bicubic", "nearest")  # how preprocessing resizes (vitdeploy.preprocess)
 HEAD_FUSIONS = ("mean", "max")  # attention rollout: how a layer's heads combine

@@ -66,6 +66,8 @@ CalibMethod = _choices("CalibMethod", choices.CALIBRATION_METHODS)
 InferencePrecision = _choices("InferencePrecision", ("auto", *choices.PRECISIONS))
 Augment = _choices("Augment", choices.AUGMENTS)
 Source = _choices("Source", (*choices.THROUGHPUT_SOURCES, "both"))
+ModelSource = _choices("ModelSource", choices.MODEL_SOURCES)
+Resize = _choices("Resize", choices.RESIZE_MODES)
 BACKEND_METAVAR = _metavar(registry.NAMES)
 BACKEND_HELP = "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS)
 
@@ -120,14 +122,23 @@ def _ort_providers() -> list[str]:
 
 
 @app.command()
-def models(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False) -> None:
-    """The model registry: parameters, input size, GFLOPs per image, weights, training recipe.
+def models(
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False,
+    source: Annotated[ModelSource, typer.Option(help="registry: vitdeploy's own models; timm: timm's ViT names (timm:NAME); hf: the ViT/DeiT classifiers in the Hugging Face cache (hf:REPO).")] = ModelSource.registry,
+    name_filter: Annotated[str, typer.Option("--filter", help="With --source timm: a name pattern, e.g. '*deit*'.")] = "*",
+) -> None:
+    """The model registry: parameters, input size, GFLOPs per image, weights, training recipe;
+    or the names of timm's and Hugging Face's ViTs (--source), which every command takes too.
 
     GFLOPs count one forward pass of one image, a multiply-add being 2 FLOPs (matmuls and
     convolutions, as torch's FlopCounterMode counts them).
     """
     from vitdeploy.models import REGISTRY, model_cost
     from vitdeploy.train import TrainConfig
+
+    if source is not ModelSource.registry:
+        _other_models(source.value, name_filter, as_json)
+        return
 
     rows = []
     for spec in REGISTRY.values():
@@ -160,6 +171,35 @@ def models(as_json: Annotated[bool, typer.Option("--json", metavar="", help="Pri
             table.add_row(r["name"], name, str(rc["epochs"]), str(rc["batch_size"]), f"{rc['lr']:g}", f"{rc['layer_decay']:g}",
                           str(rc["crop_padding"]), rc["augment"], f"{rc['erase_prob']:g}", mixing, "yes" if rc["ema"] else "no")
     console.print(table)
+    console.print("Any timm ViT (timm:NAME, `vitdeploy models --source timm`) and Hugging Face ViT/DeiT classifier "
+                  "(hf:FOLDER_OR_REPO, `--source hf`) is a --model too, with the short fine-tuning recipe.")
+
+
+def _other_models(source: str, pattern: str, as_json: bool) -> None:
+    """`vitdeploy models --source timm|hf`: the names, and which have weights in the local cache."""
+    import fnmatch
+
+    from vitdeploy.sources import hub_cache
+
+    if source == "timm":
+        from vitdeploy.sources.timm_vit import model_names
+
+        cached = [r.split("/", 1)[1] for r in hub_cache.cached_repos("timm")]
+        rows = [{"name": f"timm:{n}", "cached": False} for n in model_names(pattern)]
+        rows += [{"name": f"timm:{n}", "cached": True} for n in cached if fnmatch.fnmatch(n, pattern)]
+        hint = (f"timm:NAME or timm:NAME.TAG; weights from {hub_cache.hub_dir()} (models--timm--NAME.TAG) or --weights FILE; "
+                "nothing is downloaded")
+    else:
+        from vitdeploy.sources.hf_vit import is_classifier
+
+        rows = [{"name": f"hf:{r}", "cached": True} for r in hub_cache.cached_repos() if is_classifier(r)]
+        hint = f"hf:FOLDER (what save_pretrained writes) or hf:ORG/NAME cached in {hub_cache.hub_dir()}; nothing is downloaded"
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        console.print(escape(row["name"]) + ("  (weights cached)" if row["cached"] else ""))
+    console.print(f"{len(rows)} names; {escape(hint)}")
 
 
 @app.command()
@@ -294,7 +334,7 @@ def export(
     calib_images: Annotated[int, typer.Option(help="Training images (outside the validation split) that calibrate INT8.")] = 512,
     calib_method: Annotated[CalibMethod, typer.Option(help=f"INT8 calibration: ONNX Runtime's {' or '.join(choices.CALIBRATION_METHODS)} calibrator.")] = CalibMethod.minmax,
     int8_exclude: Annotated[Optional[list[str]], typer.Option(metavar="NODE", help="ONNX node name to keep float in INT8 (repeatable).", show_default="the classification head")] = None,
-    int8_max_accuracy_drop: Annotated[float, typer.Option(help="Largest INT8 accuracy loss against PyTorch fp32, percentage points.")] = 1.0,
+    int8_max_accuracy_drop: Annotated[float, typer.Option(help="Largest INT8 accuracy loss against PyTorch fp32, percentage points (for a model whose classes are not CIFAR-10's: the largest percentage of test images whose top-1 may change).")] = 1.0,
     trt_profile: Annotated[Optional[list[str]], typer.Option(metavar="MIN:OPT:MAX", help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch.", show_default="1:1:1 and 2:min(32,max):max")] = None,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", metavar="", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N).", show_default="the full test set")] = 10_000,
@@ -307,7 +347,7 @@ def export(
     version_compatible: Annotated[bool, typer.Option("--version-compatible", metavar="", help="TensorRT engine that later TensorRT versions can run.")] = False,
     weights: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its weights (safetensors or a torch state dict of the model's own layout, head included).", show_default="timm: the Hugging Face cache; hf: the folder")] = None,
     class_names: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its class names, one per line.", show_default="the model's own (id2label, label_names, ImageNet-1k)")] = None,
-    resize: Annotated[Optional[str], typer.Option(metavar="bilinear|nearest|bicubic", help="The graph's resize mode instead of the model's (bicubic cannot become a TensorRT engine); the parity checks measure the difference.")] = None,
+    resize: Annotated[Optional[Resize], typer.Option(help="The graph's resize mode instead of the model's (bicubic cannot become a TensorRT engine); the parity checks measure the difference.")] = None,
 ) -> None:
     """Export a trained model, or one as published: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
@@ -326,7 +366,7 @@ def export(
         trt_profiles=tuple(_profile(text) for text in trt_profile or ()),
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
-        version_compatible=version_compatible, weights=weights, class_names=class_names, resize=resize,
+        version_compatible=version_compatible, weights=weights, class_names=class_names, resize=resize.value if resize else None,
     )
     with _sigterm_unwinds():  # a stopped export removes its staging folder and scratch files
         export_artifacts(options, say=lambda line: console.print(escape(line)))

@@ -48,7 +48,8 @@ def top2_margin(logits: np.ndarray) -> np.ndarray:
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, tolerance: Tolerance) -> dict[str, Any]:
     """Parity metrics of `candidate` against `reference` logits, and whether they pass `tolerance`.
     Without `labels` (a model whose classes are not the test set's), accuracy is None and the
-    parity is the logits and the top-1 agreement alone."""
+    accuracy gate becomes one on agreement: at most `max_accuracy_drop` percent of the images may
+    change their top-1 (stricter: a changed answer can only be counted, not judged right or wrong)."""
     finite = np.isfinite(candidate).all(axis=1)
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     diff_finite = diff[finite] if finite.any() else np.zeros((1, 1))
@@ -67,6 +68,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         failures.append(f"top-1 changed on an image whose reference top-2 margin is {worst_margin:.3g} >= {tolerance.margin:g}")
     if ref_acc is not None and cand_acc is not None and ref_acc - cand_acc > tolerance.max_accuracy_drop + 1e-9:
         failures.append(f"accuracy {cand_acc:.2f}% is {ref_acc - cand_acc:.2f} points below the reference {ref_acc:.2f}%")
+    changed = float(disagree.mean() * 100)
+    if labels is None and changed > tolerance.max_accuracy_drop + 1e-9:
+        failures.append(f"top-1 changed on {changed:.2f}% of the images (no labels to measure accuracy; at most "
+                        f"{tolerance.max_accuracy_drop:g}% allowed)")
     return {
         "images": int(len(reference)),
         "top1_agreement": float((~disagree).mean()),

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitdeploy.choices import RESIZE_MODES
 from vitdeploy.errors import VitDeployError
 
-RESIZE_MODES = ("bilinear", "bicubic", "nearest")
 MAX_SIDE = 1024  # the largest image side any registry model takes (224 px), with room; bounds every allocation sized by it
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

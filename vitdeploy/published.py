@@ -19,7 +19,8 @@ import torch
 from vitdeploy import __version__
 from vitdeploy.checkpoint import FORMAT, FORMAT_VERSION, read_weights
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import LoadedModel, ModelSpec, build_model, get_spec, load_exact_state, load_pretrained
+from vitdeploy.models import REGISTRY, LoadedModel, ModelSpec, apply_state_dict, build_model, get_spec, load_pretrained
+from vitdeploy.sources import source_of
 
 CHECKPOINT = "model.pt"  # the checkpoint an export of a published model writes beside its graphs
 MAX_CLASS_FILE_BYTES = 4 << 20
@@ -41,12 +42,14 @@ def read_class_names(path: Path, count: int | None) -> tuple[str, ...]:
     return names
 
 
-def _head_size(state: dict[str, Any], spec: ModelSpec, source: str) -> int:
-    keys = [k for k in state if spec.is_head(k) and k.endswith("weight") and getattr(state[k], "ndim", 0) == 2]
-    if not keys:
-        raise VitDeployError(f"{source} holds no classification head ({spec.head_prefixes[0]}weight) for {spec.name}; "
-                             "pass the weights of the whole model")
-    return int(state[keys[0]].shape[0])
+def _head_size(state: dict[str, Any], model: torch.nn.Module, spec: ModelSpec, source: str) -> int:
+    """The class count of the head the weights carry (`model`: the architecture, any head size)."""
+    expected = [k for k, v in model.state_dict().items() if spec.is_head(k) and v.ndim == 2]
+    found = [k for k in expected if k in state and getattr(state[k], "ndim", 0) == 2]
+    if not found:
+        raise VitDeployError(f"{source} does not hold {spec.name} with its classification head (no {expected[0]}; "
+                             f"it has e.g. {next(iter(state), 'nothing')}); pass a state dict saved from {spec.name}, whole")
+    return int(state[found[0]].shape[0])
 
 
 def _weights(spec: ModelSpec, weights: Path | None) -> tuple[torch.nn.Module, str]:
@@ -70,14 +73,21 @@ def _weights(spec: ModelSpec, weights: Path | None) -> tuple[torch.nn.Module, st
     state = read_weights(Path(weights), "weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VitDeployError(f"{weights} is not a state dict of tensors (a vitdeploy checkpoint is exported as SOURCE itself)")
-    model = build_model(spec, _head_size(state, spec, str(weights)))
-    load_exact_state(model, state, spec, str(weights))
+    with torch.device("meta"):
+        skeleton = build_model(spec, 1)
+    model = build_model(spec, _head_size(state, skeleton, spec, str(weights)))
+    report = apply_state_dict(model, state, spec, str(weights))  # refuses weights of another architecture or shape
+    if report.initialized:
+        raise VitDeployError(f"{weights} lacks {', '.join(report.initialized[:3])} of {spec.name}; pass its whole state dict")
     return model, str(weights)
 
 
 def load_published(name: str, weights: Path | None, class_names: Path | None, recorded: Path) -> LoadedModel:
     """The model `name` as published, as a LoadedModel whose checkpoint is yet to be written at
     `recorded` (see CHECKPOINT)."""
+    if source_of(name) == "torchvision" and name not in REGISTRY:
+        raise VitDeployError(f"SOURCE {name} is no run folder, checkpoint file or model name here; pass a run folder of "
+                             "`vitdeploy train`, a checkpoint, timm:NAME, hf:FOLDER_OR_REPO or a registry name with --weights")
     spec = get_spec(name)
     model, origin = _weights(spec, weights)
     model.eval()

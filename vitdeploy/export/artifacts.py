@@ -26,8 +26,8 @@ from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
 from vitdeploy.checkpoint import atomic_save
-from vitdeploy.choices import FP16_POLICIES
-from vitdeploy.data import ParitySet, load_splits, parity_set
+from vitdeploy.choices import FP16_POLICIES, RESIZE_MODES
+from vitdeploy.data import ParitySet, load_splits, load_train, parity_set
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, staging, tensorrt, triton, trt_compat
 from vitdeploy.export import int8 as int8q
@@ -43,7 +43,7 @@ from vitdeploy.manifest import (
     write_manifest,
 )
 from vitdeploy.models import LoadedModel, checkpoint_weights, load_model
-from vitdeploy.preprocess import RESIZE_MODES, Preprocess, Preprocessing
+from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.published import CHECKPOINT, load_published
 from vitdeploy.versions import cpu_flags, versions
 
@@ -278,9 +278,6 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
         say(f"{source.spec.name} as published: weights {source.checkpoint['config']['published']['weights']}, "
             f"{len(source.class_names)} classes, {source.preprocessing.input_size} px; its checkpoint: {source.recorded}")
     graph = source.graph_preprocessing
-    if graph != source.preprocessing:
-        say(f"the graph resizes with {graph.resize_mode} (--resize), the model with {source.preprocessing.resize_mode}: "
-            "the parity lines below are what that costs")
     contract = input_spec(graph, options.preprocess_in_graph)
     feed = source.images if options.preprocess_in_graph else Preprocess(graph)(torch.from_numpy(source.images)).numpy()
     weights = checkpoint_weights(source.checkpoint)[0]
@@ -288,8 +285,9 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
         f"of {source.path}")
     say(f"reference: PyTorch fp32 on {len(source.images)} test images from {source.data_dir}"
         + ("" if source.parity.labels is not None else " (accuracy not measured: the model's classes are not CIFAR-10's)"))
-    with TorchBackend(source.model, source.preprocessing) as reference:
+    with TorchBackend(source.model, graph) as reference:  # what the graphs compute, --resize included
         ref_logits = run_batches(reference, source.images, options.max_batch, say, "reference:")
+    resize_cost = _resize_cost(source, ref_logits, options.max_batch, say) if graph != source.preprocessing else None
     verify = _Verifier(folder, options, feed, ref_logits, source.parity.labels, say, registry.get("ort-cuda").probe()[0])
     ckpt_hash = sha256_file(source.path)
     artifacts, external = _onnx_graphs(folder, options, source, contract, ckpt_hash, verify, say)
@@ -301,7 +299,7 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
         artifacts += [verify.engine(trt, onnx_file, precision, contract) for onnx_file, precision in engines]
     else:
         say(f"no TensorRT engine: {no_trt_reason}")
-    manifest = _manifest(options, source, contract, ckpt_hash, weights, artifacts, no_trt_reason)
+    manifest = _manifest(options, source, contract, ckpt_hash, weights, artifacts, no_trt_reason, resize_cost)
     if options.triton is not None:
         manifest["triton"] = _write_triton(options.triton, folder, triton.model_stem(source.spec.name), manifest)
         say(f"Triton model repository: {options.triton}")
@@ -349,16 +347,27 @@ def _write_fp16(folder: Path, options: ExportOptions, external: bool, say: Say) 
     onnx_export.save_graph(low, folder / "model_fp16.onnx", "model_fp16.onnx.data" if external else None)
 
 
+def _resize_cost(source: _Source, ref_logits: np.ndarray, max_batch: int, say: Say) -> dict[str, Any]:
+    """What --resize changes: PyTorch with the model's own resize against PyTorch with the graph's."""
+    with TorchBackend(source.model, source.preprocessing) as own:
+        own_logits = run_batches(own, source.images, max_batch, say, "reference with the model's resize:")
+    cost = parity.compare(own_logits, ref_logits, source.parity.labels, parity.Tolerance(None, None, 100.0))
+    say(f"--resize {source.graph_preprocessing.resize_mode} instead of the model's {source.preprocessing.resize_mode} "
+        f"(PyTorch against PyTorch; every graph below is checked against the {source.graph_preprocessing.resize_mode} "
+        f"reference): {parity.describe(cost).rsplit(' -> ', 1)[0]}")
+    return {"model": source.preprocessing.resize_mode, "graph": source.graph_preprocessing.resize_mode,
+            "cost": {k: v for k, v in cost.items() if k not in ("tolerance", "passed", "failures")}}
+
+
 def _manifest(options: ExportOptions, source: _Source, contract: dict[str, Any], ckpt_hash: str, weights: str,
-              artifacts: list[dict[str, Any]], no_trt_reason: str | None) -> dict[str, Any]:
+              artifacts: list[dict[str, Any]], no_trt_reason: str | None, resize_cost: dict[str, Any] | None) -> dict[str, Any]:
     details = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "vitdeploy_version": __version__, "versions": versions(),
         "parity_data": {"data_dir": str(source.data_dir), "images": len(source.images),
                         "labels": source.parity.description},
         "tensorrt": {"built": any(a["kind"] == "tensorrt" for a in artifacts), "reason": no_trt_reason},
-        **({"resize": {"model": source.preprocessing.resize_mode, "graph": source.graph_preprocessing.resize_mode}}
-           if source.graph_preprocessing != source.preprocessing else {}),
+        **({"resize": resize_cost} if resize_cost is not None else {}),
         **({"published": source.checkpoint["config"]["published"]} if options.published else {}),
     }
     return Manifest(source.spec.name, tuple(source.class_names), source.recorded, ckpt_hash, source.graph_preprocessing, contract,
@@ -377,10 +386,14 @@ def _failures(artifacts: list[dict[str, Any]]) -> list[str]:
 
 
 def _calibration_images(options: ExportOptions, source: _Source) -> np.ndarray:
-    """`--calib-images` training images outside the run's validation split, drawn by `seed`, as the model takes them."""
+    """`--calib-images` training images outside the run's validation split (a published model had no run:
+    any training image), drawn by `seed`, as the model takes them."""
     config = source.checkpoint["config"]
     try:
-        train = load_splits(source.data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
+        if options.published:
+            train = load_train(source.data_dir)
+        else:
+            train = load_splits(source.data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
     except VitDeployError as exc:
         raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
                              "pass --data-dir with the training batches") from None

@@ -101,7 +101,7 @@ def _structural_problems(model: onnx.ModelProto) -> list[str]:
             mode = mode.decode() if isinstance(mode, bytes) else str(mode)
             if mode not in RESIZE_MODES:
                 problems.append(f"Resize {node.name} uses mode {mode!r}; TensorRT supports {', '.join(RESIZE_MODES)} "
-                                "(a checkpoint asking for bicubic cannot become an engine: export with another resize mode)")
+                                "(a model asking for bicubic cannot become an engine: export with --resize bilinear, whose cost the export measures)")
             if _attr(node, "antialias"):
                 problems.append(f"Resize {node.name} asks for antialiasing, which TensorRT does not support")
         if node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:

@@ -253,7 +253,7 @@ def parse_count(raw: str, lo: int, hi: int) -> int | None:
 
 
 def _top_k(request: Request, num_classes: int) -> int:
-    raw = request.query_params.get("top_k", "5")
+    raw = request.query_params.get("top_k", str(min(5, num_classes)))  # default: 5, or every class of a smaller model
     value = parse_count(raw, 1, num_classes)
     if value is None:
         raise ApiError(400, f"top_k must be an integer from 1 to {num_classes} (got {raw[:20]!r})")

@@ -62,6 +62,18 @@ class HFClassifier(nn.Module):
             self.hf.set_attn_implementation(before)
 
 
+def is_classifier(repo: str) -> bool:
+    """Whether the cached `repo` is a ViT/DeiT image classifier vitdeploy takes (for listings)."""
+    folder = hub_cache.snapshot(repo)
+    if repo.startswith("timm/") or folder is None or not (folder / "config.json").is_file():
+        return False
+    try:
+        _architecture(read_json(folder / "config.json", "config"), folder)
+    except VitDeployError:
+        return False
+    return True
+
+
 def _folder(name: str) -> Path:
     ref = name[len(PREFIX):]
     path = Path(ref).expanduser()

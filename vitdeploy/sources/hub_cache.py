@@ -51,3 +51,14 @@ def weights_in(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def cached_repos(owner: str | None = None) -> list[str]:
+    """Repository ids with a usable snapshot in the cache (of `owner` only, if given)."""
+    folder = hub_dir()
+    found = []
+    for path in sorted(folder.glob("models--*")) if folder.is_dir() else []:
+        repo = path.name[len("models--"):].replace("--", "/", 1)
+        if (owner is None or repo.startswith(f"{owner}/")) and (snap := snapshot(repo)) is not None and weights_in(snap):
+            found.append(repo)
+    return found

@@ -64,8 +64,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from vitdeploy.data import IMAGE_SHAPE
         from vitdeploy.models import get_spec
+        from vitdeploy.sources import source_of
 
-        spec = get_spec(self.model)
+        # a registry name is checked here; timm:/hf: names when a run starts (a resumed run takes its
+        # checkpoint's model description and needs neither the hub cache nor the model folder)
+        spec = get_spec(self.model) if source_of(self.model) == "torchvision" else None
         checks = [
             (1 <= self.epochs <= 100_000, f"--epochs must be at least 1 and at most 100000 (got {self.epochs})"),
             (1 <= self.batch_size <= 65_536, f"--batch-size must be at least 1 and at most 65536 (got {self.batch_size})"),
@@ -97,7 +100,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VitDeployError(message)
-        if self.pretrained and not spec.pretrained:
+        if spec is not None and self.pretrained and not spec.pretrained:
             raise VitDeployError(f"{self.model} has no pretrained weights; drop --pretrained or pass --weights FILE")
 
     @property
