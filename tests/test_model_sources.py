@@ -24,6 +24,8 @@ pytest.importorskip("transformers")
 
 OFFLINE = {"PYTHONPATH": f"{REPO / 'tests' / 'offline'}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
 REG, DISTILLED, P32 = TIMM_ARGS  # the three timm test models, by name
+FINE_TUNED = (REG, DISTILLED, "vit", "deit", "deit-teacher")
+GRID = {REG: 4, DISTILLED: 2, "vit": 4, "deit": 4, "deit-teacher": 4}  # 32 px over patch 8 or 16
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def runs(hf_home: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFacto
 
     root = tmp_path_factory.mktemp("sources")
     found = {}
-    for which in (REG, DISTILLED, "vit", "deit-teacher"):
+    for which in FINE_TUNED:
         run = root / which / "run"
         config = TrainConfig.from_options(source_name(hf_home, which), data_dir=str(cifar_root), out=str(run), epochs=1,
                                           batch_size=16, val_size=40, device="cpu", max_steps=2)
@@ -116,7 +118,7 @@ def runs(hf_home: Path, cifar_root: Path, tmp_path_factory: pytest.TempPathFacto
     return found
 
 
-@pytest.mark.parametrize("which", [REG, DISTILLED, "vit", "deit-teacher"])
+@pytest.mark.parametrize("which", FINE_TUNED)
 def test_fine_tuned_models_export_in_three_precisions(runs: dict[str, Path], which: str) -> None:
     from vitdeploy.checkpoint import load_checkpoint
 
@@ -131,6 +133,34 @@ def test_fine_tuned_models_export_in_three_precisions(runs: dict[str, Path], whi
     assert by_file["model.onnx"]["parity"]["accuracy_pct"] is not None  # CIFAR-10's classes: accuracy is measured
     for name in ("model.onnx", "model_fp16.onnx", "model_int8_trt.onnx"):
         assert by_file[name]["tensorrt_preflight"]["ok"], by_file[name]["tensorrt_preflight"]["problems"]
+
+
+@pytest.mark.parametrize("which", FINE_TUNED)
+def test_each_fine_tuned_model_predicts_serves_and_explains(runs: dict[str, Path], cifar_root: Path, which: str) -> None:
+    from tests.conftest import serve_client
+    from tests.test_serve import png
+    from vitdeploy.backends.ort import OrtBackend
+    from vitdeploy.data import load_test
+    from vitdeploy.explain import Tokens, explain_images, load_explained_model
+
+    art = runs[which] / "art"
+    images = load_test(cifar_root).images[:4].numpy()
+    loaded = load_explained_model(art)
+    with OrtBackend(art / "model_int8_trt.onnx", "cpu", precision="int8") as backend:
+        int8 = backend.infer(images)
+    with torch.no_grad():
+        from vitdeploy.preprocess import Preprocess
+
+        reference = loaded.module(Preprocess(loaded.preprocessing)(torch.from_numpy(images))).numpy()
+    assert np.abs(int8 - reference).max() < 0.1
+    records, maps = explain_images(loaded.module, loaded.preprocessing, loaded.class_names, images, "rollout",
+                                   tokens=Tokens.of(loaded.spec))
+    assert maps.shape == (4, GRID[which], GRID[which]) and records[0]["grid"] == [GRID[which]] * 2
+    with serve_client(artifacts=art, backend="ort-cpu", max_batch=16) as client:
+        answer = client.post("/v1/predict", files={"file": ("a.png", png(images[0]), "image/png")})
+        assert answer.status_code == 200, answer.text
+        top = answer.json()["predictions"][0]
+        assert top["label"] == loaded.class_names[int(reference[0].argmax())]
 
 
 def test_bench_predict_and_explain_a_fine_tuned_timm_model(runs: dict[str, Path], cifar_root: Path, tmp_path: Path) -> None:
@@ -397,3 +427,22 @@ def test_without_labels_the_accuracy_gate_counts_changed_answers() -> None:
     assert not strict["passed"] and "top-1 changed on 20.00% of the images" in strict["failures"][0]
     assert strict["accuracy_pct"] is None and strict["top1_agreement"] == 0.8
     assert compare(reference, candidate, None, Tolerance(None, None, 20.0))["passed"]
+
+
+def test_a_hostile_model_description_never_sizes_memory(hf_home: Path) -> None:
+    from vitdeploy.models import ModelSpec, build_model, get_spec
+
+    timm_record = get_spec(f"timm:{REG}").to_record()
+    huge = {**timm_record, "build": {**timm_record["build"], "model_args": {**timm_record["build"]["model_args"],
+                                                                          "embed_dim": 10**9}}}
+    with pytest.raises(VitDeployError, match="arguments out of range"):
+        build_model(ModelSpec.from_record(huge, "ckpt.pt"), 3)
+    deeper = {**timm_record, "build": {**timm_record["build"], "model_args": {**timm_record["build"]["model_args"], "depth": 7}}}
+    with pytest.raises(VitDeployError, match="not the 2 blocks it names"):
+        build_model(ModelSpec.from_record(deeper, "ckpt.pt"), 3)
+    hf_record = get_spec(f"hf:{hf_home / 'vit'}").to_record()
+    wider = {**hf_record, "build": {**hf_record["build"], "config": {**hf_record["build"]["config"], "hidden_size": 10**7}}}
+    with pytest.raises(VitDeployError, match="does not match its sizes"):
+        build_model(ModelSpec.from_record(wider, "ckpt.pt"), 3)
+    with pytest.raises(VitDeployError, match="damaged model description"):
+        ModelSpec.from_record({**hf_record, "hidden_dim": 10**7}, "ckpt.pt")

@@ -35,6 +35,8 @@ from vitdeploy.preprocess import (
 )
 
 SOURCES = ("torchvision", "timm", "hf")
+MAX_PARAMS = 4_000_000_000  # above timm's largest ViT (1.8 B): a description asking for more is not a ViT we deploy
+MAX_LAYERS, MAX_WIDTH = 1000, 16384
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class ModelSpec:
             spec = cls(**{**record, **{k: tuple(record[k]) for k in ("mean", "std", "labels", "head_prefixes", "no_decay")}})
             for pattern in (spec.block_pattern, spec.embed_pattern):
                 re.compile(pattern)
-            ok = (spec.source in SOURCES and 1 <= spec.num_layers <= 1000 and 2 <= spec.input_size <= 1024
+            ok = (spec.source in SOURCES and 1 <= spec.num_layers <= MAX_LAYERS and 2 <= spec.input_size <= 1024
+                  and 1 <= spec.hidden_dim <= MAX_WIDTH and 0 <= spec.mlp_dim <= 4 * MAX_WIDTH
                   and all(isinstance(v, str) for v in (*spec.labels, *spec.head_prefixes, *spec.no_decay))
                   and isinstance(spec.build, dict) and spec.interpolation in ("bilinear", "bicubic", "nearest"))
             spec.own_preprocessing()  # the numbers' ranges
@@ -200,7 +203,23 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build_model(spec: ModelSpec, num_classes: int = 10) -> torch.nn.Module:
-    """A freshly initialized model with a `num_classes` head: a module from normalized images to logits."""
+    """A freshly initialized model with a `num_classes` head: a module from normalized images to logits.
+
+    A timm or Hugging Face model is first built on the meta device (no memory) and checked
+    against its spec and a size limit: its description may come from a hostile checkpoint."""
+    if spec.source != "torchvision":
+        with torch.device("meta"):
+            probe = _build(spec, num_classes)
+        params = sum(p.numel() for p in probe.parameters())
+        blocks = {int(m.group(1)) for name, _ in probe.named_parameters() if (m := re.match(spec.block_pattern, name))}
+        if params > MAX_PARAMS or len(blocks) != spec.num_layers:
+            raise VitDeployError(f"{spec.name}'s description builds {params:,} parameters in {len(blocks)} blocks, not "
+                                 f"the {spec.num_layers} blocks it names (at most {MAX_PARAMS:,} parameters); the "
+                                 "checkpoint or model folder is damaged")
+    return _build(spec, num_classes)
+
+
+def _build(spec: ModelSpec, num_classes: int) -> torch.nn.Module:
     if spec.source == "timm":
         from vitdeploy.sources import timm_vit
 

@@ -86,7 +86,7 @@ def load_published(name: str, weights: Path | None, class_names: Path | None, re
     """The model `name` as published, as a LoadedModel whose checkpoint is yet to be written at
     `recorded` (see CHECKPOINT)."""
     if source_of(name) == "torchvision" and name not in REGISTRY:
-        raise VitDeployError(f"SOURCE {name} is no run folder, checkpoint file or model name here; pass a run folder of "
+        raise VitDeployError(f"SOURCE {name} does not exist, and it is no model name either; pass a run folder of "
                              "`vitdeploy train`, a checkpoint, timm:NAME, hf:FOLDER_OR_REPO or a registry name with --weights")
     spec = get_spec(name)
     model, origin = _weights(spec, weights)

@@ -160,7 +160,12 @@ def _transformers() -> Any:
 
 
 def _config(spec: ModelSpec, num_classes: int) -> Any:
-    config_class = getattr(_transformers(), spec.build["architecture"]).config_class
+    arch, config = spec.build.get("architecture"), spec.build.get("config")
+    sizes = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+    if arch not in ARCHITECTURES or not isinstance(config, dict) or \
+            [config.get(k) for k in sizes] != [spec.num_layers, spec.hidden_dim, spec.mlp_dim, spec.num_heads]:
+        raise VitDeployError(f"{spec.name}: its description's config does not match its sizes; the checkpoint is damaged")
+    config_class = getattr(_transformers(), arch).config_class
     labels = dict(enumerate(spec.labels)) if num_classes == len(spec.labels) else {i: f"LABEL_{i}" for i in range(num_classes)}
     return config_class.from_dict({**spec.build["config"], "id2label": labels, "label2id": {v: k for k, v in labels.items()}})
 

@@ -22,6 +22,7 @@ from vitdeploy.sources import hub_cache, import_extra
 PREFIX = "timm:"
 CONFIG_BYTES = 4 << 20  # a config.json larger than this is not one
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+MAX_ARG = 16384  # any integer architecture argument (depth, width, patch, image size, tokens) beyond this is refused
 
 
 def _ref(name: str) -> str:
@@ -135,7 +136,15 @@ def _spec_of(model: Any, name: str, build: dict[str, Any], cfg: dict[str, Any], 
 
 def build(spec: ModelSpec, num_classes: int) -> torch.nn.Module:
     timm = import_extra("timm")
-    return timm.create_model(spec.build["architecture"], pretrained=False, num_classes=num_classes, **spec.build["model_args"])
+    arch, args = spec.build.get("architecture"), spec.build.get("model_args")
+    if not isinstance(arch, str) or not timm.is_model(arch) or not isinstance(args, dict) \
+            or any(isinstance(v, int) and not -1 <= v <= MAX_ARG for v in args.values()):
+        raise VitDeployError(f"{spec.name}: its description names no timm architecture, or arguments out of range; "
+                             "the checkpoint is damaged")
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **args)
+    except Exception as exc:  # noqa: BLE001 - timm's factories raise many types for bad arguments
+        raise VitDeployError(f"timm could not build {arch} ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
 def cached_weights(spec: ModelSpec) -> Path:
