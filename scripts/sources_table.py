@@ -101,7 +101,16 @@ def main() -> None:
         lines.append(f"| `{r['source']}` | {r['use']} | {r['input_px']} | {r['classes']} | {r['file']} | "
                      f"{r['top1_agreement_pct']:.2f} ({r['images']} images) | {r['max_abs_logit_diff']:.2e} | {accuracy} | "
                      f"{preflight} | {r['export_s']} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    from vitdeploy.versions import cpu_flags, cpu_name, package_version, versions
+
+    simd = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16"})
+    header = [f"# Model sources through export, offline ({time.strftime('%Y-%m-%d')})", "",
+              f"`python3 scripts/sources_table.py {cifar} {stem}` on {os.cpu_count()} cores of {cpu_name()} "
+              f"({', '.join(simd)}); torch {versions().get('torch')}, timm {package_version('timm')}, "
+              f"transformers {package_version('transformers')}, onnxruntime {package_version('onnxruntime-gpu')}. Random weights "
+              "(nothing can be downloaded here): parity of each exported graph against PyTorch fp32 on real CIFAR-10 test "
+              "images, and the wall time of the whole export command; not accuracy.", ""]
+    stem.with_suffix(".md").write_text("\n".join(header + lines) + "\n")
     print("\n".join(lines))
 
 

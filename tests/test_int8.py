@@ -70,16 +70,16 @@ def test_only_weighted_matmuls_carry_qdq_and_the_sensitive_ops_stay_float(int8_a
 
 
 def test_calibration_is_deterministic(trained: Path, int8_art: Path, cifar_root: Path, tmp_path: Path) -> None:
-    from vitdeploy.checkpoint import load_checkpoint
     from vitdeploy.export.int8 import quantize
+    from vitdeploy.models import load_model
 
     options = ExportOptions(source=trained, out=tmp_path / "x", int8=True, data_dir=cifar_root, int8_options=Int8Options(calib_images=32))
-    checkpoint = load_checkpoint(trained / "last.pt")
-    first = artifacts_module._calibration_images(options, checkpoint, cifar_root)
-    again = artifacts_module._calibration_images(options, checkpoint, cifar_root)
+    source = artifacts_module._Source.load(options, load_model(trained / "last.pt"))
+    first = artifacts_module._calibration_images(options, source)
+    again = artifacts_module._calibration_images(options, source)
     other = artifacts_module._calibration_images(
         ExportOptions(source=trained, out=tmp_path / "x", int8=True, int8_options=Int8Options(calib_images=32, seed=1)),
-        checkpoint, cifar_root)
+        source)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     quantize(int8_art / "model.onnx", tmp_path / "a.onnx", "qdq-s8-symmetric", first, Int8Options())
     quantize(int8_art / "model.onnx", tmp_path / "b.onnx", "qdq-s8-symmetric", again, Int8Options())

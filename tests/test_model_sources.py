@@ -55,6 +55,17 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
+def png(image: np.ndarray) -> bytes:
+    """A CHW uint8 image as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def source_name(hf_home: Path, which: str) -> str:
     return f"timm:{which}" if which in TIMM_ARGS else f"hf:{hf_home / which}"
 
@@ -138,7 +149,6 @@ def test_fine_tuned_models_export_in_three_precisions(runs: dict[str, Path], whi
 @pytest.mark.parametrize("which", FINE_TUNED)
 def test_each_fine_tuned_model_predicts_serves_and_explains(runs: dict[str, Path], cifar_root: Path, which: str) -> None:
     from tests.conftest import serve_client
-    from tests.test_serve import png
     from vitdeploy.backends.ort import OrtBackend
     from vitdeploy.data import load_test
     from vitdeploy.explain import Tokens, explain_images, load_explained_model
@@ -295,7 +305,7 @@ def test_a_published_model_is_served_over_loopback_with_its_class_names(publishe
     pytest.importorskip("fastapi")
     import httpx
 
-    from tests.test_serve import Server, png
+    from tests.test_serve import Server
 
     image = np.random.default_rng(1).integers(0, 255, (3, 64, 48), dtype=np.uint8)  # not square: cropped as timm does
     server = Server(published / "art", "--backend", "ort-cpu", "--max-batch", "8")

@@ -65,7 +65,8 @@ def test_checkpoint_describes_how_to_feed_the_model(full_run: Path) -> None:
     ckpt = load_checkpoint(full_run / "last.pt")  # weights_only=True inside
     assert ckpt["model_name"] == "vit_cifar_tiny" and ckpt["epoch"] == 2 and ckpt["step"] == 20
     assert ckpt["preprocessing"] == {"source_size": 32, "input_size": 32, "resize_mode": "bilinear",
-                                     "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}
+                                     "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616],
+                                     "crop_fraction": None}
     assert ckpt["class_names"][0] == "airplane" and len(ckpt["class_names"]) == 10
     assert ckpt["config"]["batch_size"] == 16 and ckpt["precision"] == "fp32"
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "progress"):

@@ -39,7 +39,7 @@ def snapshot(repo: str) -> Path | None:
     ref = folder / "refs" / "main"
     if ref.is_file():
         revision = ref.read_text(errors="replace").strip()
-        if _REVISION.fullmatch(revision) and (folder / "snapshots" / revision).is_dir():
+        if _REVISION.fullmatch(revision) and revision not in (".", "..") and (folder / "snapshots" / revision).is_dir():
             return folder / "snapshots" / revision
     snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir()) if (folder / "snapshots").is_dir() else []
     return snapshots[0] if len(snapshots) == 1 else None
