@@ -204,7 +204,7 @@ def _other_models(source: str, pattern: str, as_json: bool) -> None:
 
 @app.command()
 def train(
-    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`.", show_default=_train_default("model"))] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`, or timm:NAME (timm's ViTs), or hf:FOLDER_OR_REPO (a transformers ViT/DeiT classifier).", show_default=_train_default("model"))] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself).", show_default=_train_default("data_dir"))] = None,
     download: Annotated[Optional[bool], typer.Option("--download", metavar="", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics.", show_default="runs/MODEL-TIME; with --resume, the checkpoint's run")] = None,
@@ -236,9 +236,9 @@ def train(
     device: Annotated[Optional[Device], typer.Option(help="Where to train.", show_default=_train_default("device"))] = None,
     precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU.", show_default=_train_default("precision"))] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile", metavar="", help="torch.compile the model.")] = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", metavar="", help="Start from torchvision's ImageNet weights (local hub cache, downloaded when online).", show_default="yes where the model has them")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", metavar="", help="Start from the model's published weights: torchvision's ImageNet weights (local torch hub cache, downloaded when online); timm's from the Hugging Face cache and hf: from its folder (never downloaded).", show_default="yes where the model has them")] = None,
     pretrained_weights: Annotated[Optional[str], typer.Option(help="Which ImageNet weights (see `vitdeploy models`).", show_default="the first listed")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict or vitdeploy checkpoint.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict (safetensors or torch) or vitdeploy checkpoint.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue a run exactly from a checkpoint file or run folder (its last.pt).")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Steps per metrics.jsonl record.", show_default=_train_default("log_every"))] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all.", show_default=_train_default("keep_checkpoints"))] = None,
@@ -295,7 +295,7 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 
 @app.command("bench-train")
 def bench_train(
-    model: Annotated[list[str], typer.Option(metavar="NAME", help="Model name from `vitdeploy models`; repeat for several.")] = ["vit_b_16"],  # noqa: B006 - Typer default
+    model: Annotated[list[str], typer.Option(metavar="NAME", help="Model name from `vitdeploy models` (or timm:NAME, hf:FOLDER_OR_REPO); repeat for several.")] = ["vit_b_16"],  # noqa: B006 - Typer default
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size per step.", show_default="each model's recipe")] = None,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Untimed steps first (allocation, autotuning, compilation).")] = 5,
