@@ -456,3 +456,22 @@ def test_a_hostile_model_description_never_sizes_memory(hf_home: Path) -> None:
         build_model(ModelSpec.from_record(wider, "ckpt.pt"), 3)
     with pytest.raises(VitDeployError, match="damaged model description"):
         ModelSpec.from_record({**hf_record, "hidden_dim": 10**7}, "ckpt.pt")
+
+
+def test_a_bare_timm_architecture_finds_its_default_tags_cache(hf_home: Path) -> None:
+    from vitdeploy.models import get_spec
+
+    repo = hf_home / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc" / "model.safetensors").write_bytes(b"")
+    spec = get_spec("timm:vit_tiny_patch16_224")  # as timm's own create_model(pretrained=True) would look it up
+    assert Path(spec.pretrained["local"]) == repo / "snapshots" / "abc" / "model.safetensors"
+    assert spec.input_size == 224 and spec.crop_fraction == 0.9 and spec.interpolation == "bicubic"
+    from vitdeploy.sources import hub_cache
+
+    (repo / "refs" / "main").write_text("..")  # a ref naming the parent folder is never taken as a snapshot
+    assert hub_cache.snapshot("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k") == repo / "snapshots" / "abc"  # the only one
+    (repo / "snapshots" / "def").mkdir()
+    assert hub_cache.snapshot("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k") is None  # two, and no valid ref: neither

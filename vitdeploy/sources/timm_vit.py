@@ -64,6 +64,15 @@ def _labels(config: dict[str, Any], pretrained_cfg: dict[str, Any], num_classes:
     return ()
 
 
+def _repo(timm: Any, ref: str) -> str:
+    """The hub repository of NAME's weights: timm/NAME when cached, else its pretrained config's hf_hub_id
+    (for a bare architecture, its default tag's: timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)."""
+    if hub_cache.snapshot(f"timm/{ref}") is not None or not timm.is_model(ref.split(".")[0]):
+        return f"timm/{ref}"
+    hub = getattr(timm.models.get_pretrained_cfg(ref), "hf_hub_id", None)
+    return hub if isinstance(hub, str) and hub_cache.valid_repo(hub) else f"timm/{ref}"
+
+
 def spec(name: str) -> ModelSpec:
     """What `timm:NAME` is, read from local files only; a name timm does not know, or a model that
     is not one of timm's ViTs, is refused."""
@@ -71,7 +80,8 @@ def spec(name: str) -> ModelSpec:
     from timm.models.vision_transformer import VisionTransformer
 
     ref = _ref(name)
-    folder = hub_cache.snapshot(f"timm/{ref}")
+    repo = _repo(timm, ref)
+    folder = hub_cache.snapshot(repo)
     config = read_json(folder / "config.json", "timm config") if folder and (folder / "config.json").is_file() else {}
     arch = config.get("architecture", ref.split(".")[0])
     if not isinstance(arch, str) or not timm.is_model(arch):
@@ -97,7 +107,7 @@ def spec(name: str) -> ModelSpec:
         raise VitDeployError(f"timm:{arch} is a {type(model).__name__}, not one of timm's Vision Transformers; "
                              "vitdeploy deploys ViTs (`vitdeploy models --source timm` lists them)")
     weights = hub_cache.weights_in(folder) if folder else None
-    expected = weights or hub_cache.repo_folder(f"timm/{ref}") / "snapshots" / "REVISION" / hub_cache.WEIGHT_FILES[0]
+    expected = weights or hub_cache.repo_folder(repo) / "snapshots" / "REVISION" / hub_cache.WEIGHT_FILES[0]
     return _spec_of(model, name, {"architecture": arch, "model_args": model_args}, pretrained_cfg,
                     _labels(config, pretrained_cfg, model.num_classes), str(expected))
 
@@ -151,10 +161,10 @@ def cached_weights(spec: ModelSpec) -> Path:
     """The weights file `spec` was found with, or the error that says where it is looked for."""
     path = Path(spec.pretrained["local"])
     if not path.is_file():
-        ref = spec.name[len(PREFIX):]
+        repo = path.parents[2].name.removeprefix("models--").replace("--", "/", 1)  # HUB/models--ORG--NAME/snapshots/REV/FILE
         raise VitDeployError(
             f"no local weights for {spec.name}: looked for {path.name} in {path.parent} (the Hugging Face cache, "
-            f"{hub_cache.hub_dir()}; nothing is downloaded); copy timm/{ref} there (e.g. `hf download timm/{ref}` on "
+            f"{hub_cache.hub_dir()}; nothing is downloaded); copy {repo} there (e.g. `hf download {repo}` on "
             "a machine online, then copy the cache), pass --weights FILE (safetensors or a torch state dict), "
             "or train from random weights with --no-pretrained")
     return path
