@@ -12,12 +12,15 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vitdeploy.errors import VitDeployError
+
+if TYPE_CHECKING:
+    from vitdeploy.images import Fit
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FOLDER = "cifar-10-batches-py"
@@ -150,8 +153,8 @@ class ParitySet:
         return what if self.labels is not None else what + " (no labels: the model's classes are not CIFAR-10's)"
 
 
-def parity_set(data_dir: Path, limit: int, fit: Any, class_names: Sequence[str]) -> ParitySet:
-    """The first `limit` test images through `fit` (an `images.Fit`), for export's and bench's parity."""
+def parity_set(data_dir: Path, limit: int, fit: Fit, class_names: Sequence[str]) -> ParitySet:
+    """The first `limit` test images through `fit`, for export's and bench's parity."""
     from vitdeploy.images import fit_array
 
     test = load_test(data_dir)
