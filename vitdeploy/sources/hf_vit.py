@@ -192,7 +192,8 @@ def load_pretrained(model: HFClassifier, spec: ModelSpec) -> LoadReport:
     except (OSError, ValueError, RuntimeError) as exc:
         raise VitDeployError(f"transformers could not load {folder} ({type(exc).__name__}: {str(exc)[:200]}); "
                              "use an intact model folder") from None
-    fresh = [f"hf.{k}" for k in info.get("missing_keys", [])] + [f"hf.{k[0]}" for k in info.get("mismatched_keys", [])]
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])]  # 4.x: names; 5.x: tuples
+    fresh = [f"hf.{k}" for k in [*info.get("missing_keys", []), *mismatched]]
     body = [k for k in fresh + [f"hf.{k}" for k in info.get("unexpected_keys", [])] if not spec.is_head(k)]
     if body:
         raise VitDeployError(f"the weights in {folder} do not fit its config.json ({len(body)} tensors missing, unexpected "
