@@ -475,3 +475,14 @@ def test_a_bare_timm_architecture_finds_its_default_tags_cache(hf_home: Path) ->
     assert hub_cache.snapshot("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k") == repo / "snapshots" / "abc"  # the only one
     (repo / "snapshots" / "def").mkdir()
     assert hub_cache.snapshot("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k") is None  # two, and no valid ref: neither
+
+
+def test_a_too_old_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    from vitdeploy import sources
+
+    monkeypatch.setattr(timm, "__version__", "1.0.15")  # cannot build its models on the meta device
+    with pytest.raises(VitDeployError, match=r"need timm >= 1.0.24 \(found 1.0.15\)"):
+        sources.import_extra("timm")
+    assert sources._version("5.0.0rc1") == (5, 0, 0) and sources._version("1.0.31.dev0") == (1, 0, 31)

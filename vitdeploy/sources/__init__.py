@@ -14,6 +14,7 @@ from vitdeploy.errors import VitDeployError
 
 PREFIXES = {"timm": "timm:", "hf": "hf:"}  # source -> how a model name of it begins
 EXTRAS = {"timm": "timm", "hf": "transformers"}  # source -> the package its extra installs
+MIN_VERSIONS = {"timm": (1, 0, 24), "transformers": (4, 57)}  # the oldest tested (timm < 1.0.22 cannot build on meta)
 
 
 def source_of(name: str) -> str:
@@ -32,7 +33,25 @@ def import_extra(source: str):  # noqa: ANN201 - the module of the source's pack
 
     package = EXTRAS[source]
     try:
-        return importlib.import_module(package)
+        module = importlib.import_module(package)
     except ImportError:
         raise VitDeployError(f"{source}: models need the {package} package; install it with "
                              f"pip install 'vitdeploy[{source}]'") from None
+    if _version(getattr(module, "__version__", "0")) < MIN_VERSIONS[package]:
+        wanted = ".".join(map(str, MIN_VERSIONS[package]))
+        raise VitDeployError(f"{source}: models need {package} >= {wanted} (found {module.__version__}); "
+                             f"pip install -U 'vitdeploy[{source}]'")
+    return module
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version string ("1.0.31.dev0" -> (1, 0, 31), "5.0.0rc1" -> (5, 0, 0))."""
+    import re
+
+    numbers = []
+    for part in text.split(".")[:3]:
+        leading = re.match(r"\d+", part)
+        if leading is None:
+            break
+        numbers.append(int(leading.group()))
+    return tuple(numbers)
