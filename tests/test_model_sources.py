@@ -486,3 +486,29 @@ def test_a_too_old_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(VitDeployError, match=r"need timm >= 1.0.24 \(found 1.0.15\)"):
         sources.import_extra("timm")
     assert sources._version("5.0.0rc1") == (5, 0, 0) and sources._version("1.0.31.dev0") == (1, 0, 31)
+
+
+def test_hostile_model_folders_are_refused_before_building(hf_home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from vitdeploy.models import get_spec
+
+    folder = tmp_path / "deep"
+    shutil.copytree(hf_home / "vit", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6}))
+    with pytest.raises(VitDeployError, match="sizes out of range"):
+        get_spec(f"hf:{folder}")
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(VitDeployError, match="is not a JSON object"):
+        get_spec(f"hf:{folder}")
+    snapshot = hf_home / "hub" / f"models--timm--{REG}" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    original = (snapshot / "config.json").read_text()
+    try:
+        timm_config = json.loads(original)
+        timm_config["model_args"]["depth"] = 10**6
+        (snapshot / "config.json").write_text(json.dumps(timm_config))
+        with pytest.raises(VitDeployError, match="out-of-range model_args"):
+            get_spec(f"timm:{REG}")
+    finally:
+        (snapshot / "config.json").write_text(original)

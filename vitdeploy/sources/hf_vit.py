@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import LoadReport, ModelSpec
+from vitdeploy.models import MAX_LAYERS, MAX_WIDTH, LoadReport, ModelSpec
 from vitdeploy.sources import hub_cache, import_extra
 from vitdeploy.sources.timm_vit import read_json
 
@@ -131,6 +131,10 @@ def spec(name: str) -> ModelSpec:
         hidden, mlp = int(config["hidden_size"]), int(config["intermediate_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise VitDeployError(f"{folder}/config.json lacks {exc} or holds a malformed number; use an intact model folder") from None
+    if not (1 <= layers <= MAX_LAYERS and 1 <= hidden <= MAX_WIDTH and 1 <= mlp <= 4 * MAX_WIDTH and 1 <= heads <= hidden
+            and 2 <= patch <= size <= 1024):
+        raise VitDeployError(f"{folder}/config.json asks for sizes out of range ({layers} layers, width {hidden}, "
+                             f"{size} px, patch {patch}); use an intact model folder")
     labels = config.get("id2label") or {}
     try:
         names = tuple(str(labels[k])[:200] for k in sorted(labels, key=int)) if isinstance(labels, dict) else ()

@@ -64,6 +64,16 @@ def _labels(config: dict[str, Any], pretrained_cfg: dict[str, Any], num_classes:
     return ()
 
 
+def _args_in_range(args: Any) -> bool:
+    """timm architecture arguments that cannot size memory or time without bound (they may come from a
+    downloaded config.json or a checkpoint): integers in -1..16384, depth at most 1000."""
+    from vitdeploy.models import MAX_LAYERS
+
+    return isinstance(args, dict) and all(isinstance(k, str) for k in args) and \
+        all(not isinstance(v, int) or -1 <= v <= MAX_ARG for v in args.values()) and \
+        (not isinstance(args.get("depth"), int) or args["depth"] <= MAX_LAYERS)
+
+
 def _repo(timm: Any, ref: str) -> str:
     """The hub repository of NAME's weights: timm/NAME when cached, else its pretrained config's hf_hub_id
     (for a bare architecture, its default tag's: timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)."""
@@ -93,8 +103,8 @@ def spec(name: str) -> ModelSpec:
         found = timm.models.get_pretrained_cfg(ref if "." in ref else arch)
         pretrained_cfg = found.to_dict() if found is not None else {}
     model_args = config.get("model_args", {})
-    if not isinstance(model_args, dict):
-        raise VitDeployError(f"{folder}/config.json has malformed model_args; use an intact model folder")
+    if not _args_in_range(model_args):
+        raise VitDeployError(f"{folder}/config.json has malformed or out-of-range model_args; use an intact model folder")
     num_classes = config.get("num_classes", pretrained_cfg.get("num_classes", 1000))
     if not isinstance(num_classes, int) or not 0 <= num_classes <= 100_000:
         raise VitDeployError(f"{folder}/config.json has a malformed num_classes; use an intact model folder")
@@ -147,8 +157,7 @@ def _spec_of(model: Any, name: str, build: dict[str, Any], cfg: dict[str, Any], 
 def build(spec: ModelSpec, num_classes: int) -> torch.nn.Module:
     timm = import_extra("timm")
     arch, args = spec.build.get("architecture"), spec.build.get("model_args")
-    if not isinstance(arch, str) or not timm.is_model(arch) or not isinstance(args, dict) \
-            or any(isinstance(v, int) and not -1 <= v <= MAX_ARG for v in args.values()):
+    if not isinstance(arch, str) or not timm.is_model(arch) or not _args_in_range(args):
         raise VitDeployError(f"{spec.name}: its description names no timm architecture, or arguments out of range; "
                              "the checkpoint is damaged")
     try:
