@@ -29,7 +29,7 @@ from tests.conftest import REPO, free_port, needs_serve, run_cli, serve_client
 from vitdeploy.cli import main as cli_main
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
-from vitdeploy.images import decode_image
+from vitdeploy.images import Fit, decode_image
 from vitdeploy.manifest import MANIFEST, read_manifest
 
 
@@ -215,8 +215,8 @@ def test_16_bit_grayscale_png_is_scaled_not_whitened(picture: np.ndarray) -> Non
     gray8 = np.asarray(Image.fromarray(picture).convert("L"))
     gray16 = gray8.astype(np.uint16) * 257
     assert Image.open(io.BytesIO(png(gray16))).mode.startswith("I")
-    from_16 = decode_image(png(gray16), 32)
-    from_8 = decode_image(png(gray8), 32)
+    from_16 = decode_image(png(gray16), Fit(32))
+    from_8 = decode_image(png(gray8), Fit(32))
     assert np.array_equal(from_16, from_8) and from_16.max() < 255
 
 
@@ -231,27 +231,27 @@ def test_exif_orientation_is_applied(picture: np.ndarray) -> None:
         image.save(buffer, format="JPEG", quality=95, **save)
         return buffer.getvalue()
 
-    displayed = decode_image(jpeg(upright), 32).astype(int)
-    rotated = decode_image(jpeg(stored, exif=exif), 32).astype(int)
-    as_stored = decode_image(jpeg(stored), 32).astype(int)
+    displayed = decode_image(jpeg(upright), Fit(32)).astype(int)
+    rotated = decode_image(jpeg(stored, exif=exif), Fit(32)).astype(int)
+    as_stored = decode_image(jpeg(stored), Fit(32)).astype(int)
     assert np.abs(rotated - displayed).mean() < 3 < np.abs(as_stored - displayed).mean()
-    lossless = decode_image(png(np.asarray(stored), exif=exif), 32)  # PNG carries EXIF too: exact
-    assert np.array_equal(lossless, decode_image(png(picture), 32))
+    lossless = decode_image(png(np.asarray(stored), exif=exif), Fit(32))  # PNG carries EXIF too: exact
+    assert np.array_equal(lossless, decode_image(png(picture), Fit(32)))
 
 
 def test_transparency_is_shown_over_white_and_other_modes_decode() -> None:
     rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
-    assert decode_image(png(rgba), 8).min() == 255
+    assert decode_image(png(rgba), Fit(8)).min() == 255
     for mode in ("1", "L", "P", "CMYK", "F", "I", "LA"):
         buffer = io.BytesIO()
         Image.new(mode, (8, 8)).save(buffer, format="TIFF")
-        out = decode_image(buffer.getvalue(), 8)
+        out = decode_image(buffer.getvalue(), Fit(8))
         assert out.shape == (3, 8, 8) and out.dtype == np.uint8
 
 
 def test_undecodable_bytes_do_not_show_internals() -> None:
     with pytest.raises(VitDeployError) as refusal:
-        decode_image(b"not an image at all", 32)
+        decode_image(b"not an image at all", Fit(32))
     assert "BytesIO" not in str(refusal.value) and "0x" not in str(refusal.value)
 
 

@@ -23,7 +23,7 @@ from tests.conftest import REPO, run_cli, write_cifar
 from tests.test_hardening import one_error_line, png
 from vitdeploy.data import load_test
 from vitdeploy.errors import VitDeployError
-from vitdeploy.images import decode_image
+from vitdeploy.images import Fit, decode_image
 
 # -- 4. explain never writes over a file it did not create ------------------------------------
 
@@ -98,7 +98,7 @@ def test_damaged_files_of_every_format_are_refused_cleanly(fmt: str, cut: int, f
             data[position % len(data)] ^= value
     data = bytes(data[: max(1, len(data) - cut % max(1, len(data)))])
     try:
-        out = decode_image(data, 32, "upload")
+        out = decode_image(data, Fit(32), "upload")
     except VitDeployError as exc:
         assert str(exc).startswith("upload ")
     else:
@@ -114,7 +114,7 @@ def test_decoder_exceptions_of_any_type_are_refusals(monkeypatch: pytest.MonkeyP
             raise error
         monkeypatch.setattr(images, "to_rgb", broken)
         with pytest.raises(VitDeployError, match=f"upload is not a readable image.*{type(error).__name__}"):
-            decode_image(png(np.zeros((8, 8, 3), np.uint8)), 8, "upload")
+            decode_image(png(np.zeros((8, 8, 3), np.uint8)), Fit(8), "upload")
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -125,7 +125,7 @@ def test_a_colour_key_is_transparent_over_white(mode: str) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", transparency=key)
     assert "transparency" in Image.open(io.BytesIO(buffer.getvalue())).info
-    out = decode_image(buffer.getvalue(), 8)
+    out = decode_image(buffer.getvalue(), Fit(8))
     assert (out[:, 1:, :] == 255).all() and (out[:, 0, 1:] == 255).all() and (out[:, 0, 0] == 0).all()
 
 

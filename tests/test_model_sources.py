@@ -512,3 +512,21 @@ def test_hostile_model_folders_are_refused_before_building(hf_home: Path, tmp_pa
             get_spec(f"timm:{REG}")
     finally:
         (snapshot / "config.json").write_text(original)
+
+
+def test_malformed_preprocessing_in_a_model_folder_is_one_error(hf_home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from vitdeploy.models import get_spec
+
+    folder = tmp_path / "bad-mean"
+    shutil.copytree(hf_home / "vit", folder)
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    for bad in ({"image_mean": ["x", 1, 2]}, {"image_std": [0.5, 0.5]}, {"image_mean": 7}):
+        (folder / "preprocessor_config.json").write_text(json.dumps({**processor, **bad}))
+        with pytest.raises(VitDeployError, match="where 3 per-channel numbers belong"):
+            get_spec(f"hf:{folder}")
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "resample": [3]}))
+    assert get_spec(f"hf:{folder}").interpolation == "bicubic"  # an unknown filter code: the bicubic default
+    with pytest.raises(VitDeployError, match="there is no folder"):
+        get_spec(f"hf:{tmp_path / 'nowhere'}")

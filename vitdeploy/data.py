@@ -145,7 +145,6 @@ class ParitySet:
 
     images: np.ndarray
     labels: np.ndarray | None
-    data_dir: Path
 
     @property
     def description(self) -> str:
@@ -160,7 +159,7 @@ def parity_set(data_dir: Path, limit: int, fit: Fit, class_names: Sequence[str])
     test = load_test(data_dir)
     n = min(limit, len(test))
     labels = test.labels[:n].numpy() if tuple(class_names) == CLASS_NAMES else None
-    return ParitySet(fit_array(test.images[:n].numpy(), fit), labels, Path(data_dir))
+    return ParitySet(fit_array(test.images[:n].numpy(), fit), labels)
 
 
 def split_validation(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:

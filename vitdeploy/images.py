@@ -75,8 +75,8 @@ def decoded_bytes(width: int, height: int, mode: str) -> int:
     return width * height * _BYTES_PER_PIXEL.get(mode, 4)
 
 
-def decode_image(data: bytes, fit: Fit | int, name: str = "image") -> np.ndarray:
-    """uint8 array of shape (3, size, size) (`fit`, or a size to squeeze to) from PNG/JPEG/WebP/... bytes, as the picture is displayed.
+def decode_image(data: bytes, fit: Fit, name: str = "image") -> np.ndarray:
+    """uint8 array of shape (3, fit.size, fit.size) from PNG/JPEG/WebP/... bytes, as the picture is displayed.
 
     The one decoder of every consumer (predict, explain, serve): EXIF orientation applied,
     every pixel mode brought to 8-bit RGB by `to_rgb`, then resized. Whatever a decoder
@@ -86,7 +86,6 @@ def decode_image(data: bytes, fit: Fit | int, name: str = "image") -> np.ndarray
 
     if not data:
         raise VitDeployError(f"{name} is empty")
-    fit = fit if isinstance(fit, Fit) else Fit(fit)
     try:
         with Image.open(io.BytesIO(data)) as image:
             check_size(image.size, name)
@@ -198,7 +197,7 @@ def _eight_bit_gray(image: Image.Image) -> Image.Image:
     return Image.fromarray(out, "L")
 
 
-def load_image_file(path: Path, fit: Fit | int) -> np.ndarray:
+def load_image_file(path: Path, fit: Fit) -> np.ndarray:
     """An image file as decode_image makes it; a folder or a missing file is named as such."""
     path = Path(path)
     if path.is_dir():

@@ -311,6 +311,9 @@ def hub_cache_file(spec: ModelSpec, tag: str) -> tuple[Path, str]:
 def load_pretrained(model: torch.nn.Module, spec: ModelSpec, tag: str | None = None) -> LoadReport:
     """The model's published weights: torchvision's from the torch hub cache (downloaded there when
     online), timm's and Hugging Face's from their local file (never downloaded)."""
+    if spec.source != "torchvision" and tag not in (None, *spec.pretrained):
+        raise VitDeployError(f"--pretrained-weights picks torchvision's ImageNet weights; {spec.name} has one set, its "
+                             "local file: drop --pretrained-weights")
     if spec.source == "hf":
         from vitdeploy.sources import hf_vit
 

@@ -10,11 +10,16 @@ Each source's package is an optional extra imported only when a name of that sou
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from vitdeploy.errors import VitDeployError
 
 PREFIXES = {"timm": "timm:", "hf": "hf:"}  # source -> how a model name of it begins
 EXTRAS = {"timm": "timm", "hf": "transformers"}  # source -> the package its extra installs
 MIN_VERSIONS = {"timm": (1, 0, 24), "transformers": (4, 57)}  # the oldest tested (timm < 1.0.22 cannot build on meta)
+CONFIG_BYTES = 4 << 20  # a model configuration larger than this is not one
 
 
 def source_of(name: str) -> str:
@@ -55,3 +60,29 @@ def _version(text: str) -> tuple[int, ...]:
             break
         numbers.append(int(leading.group()))
     return tuple(numbers)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a model folder, refused when oversized or malformed."""
+    try:
+        if path.stat().st_size > CONFIG_BYTES:
+            raise VitDeployError(f"{what} {path} is larger than {CONFIG_BYTES >> 20} MiB; it is not a model configuration")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise VitDeployError(f"{what} {path} is unreadable or not JSON ({str(exc)[:120]}); use an intact model folder") from None
+    if not isinstance(data, dict):
+        raise VitDeployError(f"{what} {path} is not a JSON object; use an intact model folder")
+    return data
+
+
+def channel_values(value: Any, default: tuple[float, float, float], where: str) -> tuple[float, float, float]:
+    """Three per-channel numbers (mean or std) from a model's configuration, or its one error."""
+    if value is None:
+        return default
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3:
+        raise VitDeployError(f"{where} holds {str(value)[:60]!r} where 3 per-channel numbers belong; use an intact model folder")
+    return numbers  # type: ignore[return-value]

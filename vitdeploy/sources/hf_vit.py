@@ -19,8 +19,7 @@ from torch import nn
 
 from vitdeploy.errors import VitDeployError
 from vitdeploy.models import MAX_LAYERS, MAX_WIDTH, LoadReport, ModelSpec
-from vitdeploy.sources import hub_cache, import_extra
-from vitdeploy.sources.timm_vit import read_json
+from vitdeploy.sources import channel_values, hub_cache, import_extra, read_json
 
 PREFIX = "hf:"
 ARCHITECTURES = {  # architecture -> (model_type, leading tokens read by the head)
@@ -86,7 +85,8 @@ def _folder(name: str) -> Path:
                                  "(nothing is downloaded); pass the folder save_pretrained wrote, or copy the repository "
                                  "into the Hugging Face cache")
     else:
-        raise VitDeployError(f"{name}: {ref} is neither a folder nor a repository id (ORG/NAME)")
+        raise VitDeployError(f"{name}: there is no folder {ref}, and it is no repository id (ORG/NAME) either; "
+                             "pass the folder save_pretrained wrote")
     if not (folder / "config.json").is_file():
         raise VitDeployError(f"{folder} has no config.json; an hf: model is the folder save_pretrained writes "
                              "(config.json, model.safetensors)")
@@ -103,7 +103,7 @@ def _architecture(config: dict[str, Any], folder: Path) -> str:
     return arch
 
 
-def _preprocessor(folder: Path, image_size: int) -> dict[str, Any]:
+def _preprocessor(folder: Path) -> dict[str, Any]:
     """mean, std, interpolation and crop fraction from preprocessor_config.json (ViTImageProcessor's defaults without it)."""
     path = folder / "preprocessor_config.json"
     config = read_json(path, "preprocessor config") if path.is_file() else {}
@@ -114,9 +114,11 @@ def _preprocessor(folder: Path, image_size: int) -> dict[str, Any]:
     fraction = None
     if config.get("do_center_crop") and isinstance(side, int) and isinstance(crop_side, int) and side > 0:
         fraction = crop_side / side if 0.25 <= crop_side / side <= 1 else None
-    return {"mean": tuple(float(v) for v in config.get("image_mean", (0.5, 0.5, 0.5))),
-            "std": tuple(float(v) for v in config.get("image_std", (0.5, 0.5, 0.5))),
-            "interpolation": RESAMPLE.get(config.get("resample", 2), "bicubic"), "crop_fraction": fraction}
+    resample = config.get("resample", 2)
+    return {"mean": channel_values(config.get("image_mean"), (0.5, 0.5, 0.5), f"{path} (image_mean)"),
+            "std": channel_values(config.get("image_std"), (0.5, 0.5, 0.5), f"{path} (image_std)"),
+            "interpolation": RESAMPLE.get(resample, "bicubic") if isinstance(resample, int) else "bicubic",
+            "crop_fraction": fraction}
 
 
 def spec(name: str) -> ModelSpec:
@@ -151,7 +153,7 @@ def spec(name: str) -> ModelSpec:
         head_prefixes=("hf.classifier.", "hf.cls_classifier.", "hf.distillation_classifier."),
         block_pattern=r"hf\.(?:vit|deit)\.(?:layers|encoder\.layer)\.(\d+)\.", embed_pattern=r"hf\.(?:vit|deit)\.embeddings\.",
         no_decay=("cls_token", "position_embeddings", "distillation_token", "mask_token"),
-        **_preprocessor(folder, size),
+        **_preprocessor(folder),
     )
 
 
@@ -171,7 +173,7 @@ def _config(spec: ModelSpec, num_classes: int) -> Any:
         raise VitDeployError(f"{spec.name}: its description's config does not match its sizes; the checkpoint is damaged")
     config_class = getattr(_transformers(), arch).config_class
     labels = dict(enumerate(spec.labels)) if num_classes == len(spec.labels) else {i: f"LABEL_{i}" for i in range(num_classes)}
-    return config_class.from_dict({**spec.build["config"], "id2label": labels, "label2id": {v: k for k, v in labels.items()}})
+    return config_class.from_dict({**config, "id2label": labels, "label2id": {v: k for k, v in labels.items()}})
 
 
 def build(spec: ModelSpec, num_classes: int) -> HFClassifier:

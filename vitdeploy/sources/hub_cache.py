@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-_REVISION = re.compile(r"[0-9a-fA-F]{6,64}|[A-Za-z0-9._-]{1,100}")
+_REVISION = re.compile(r"[A-Za-z0-9._-]{1,100}")  # a commit hash or a tag name: no path separators
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preferred first
 
 
@@ -38,7 +38,8 @@ def snapshot(repo: str) -> Path | None:
     folder = repo_folder(repo)
     ref = folder / "refs" / "main"
     if ref.is_file():
-        revision = ref.read_text(errors="replace").strip()
+        with ref.open(encoding="utf-8", errors="replace") as f:
+            revision = f.read(256).strip()  # a ref is a hash: a huge file is not read whole
         if _REVISION.fullmatch(revision) and revision not in (".", "..") and (folder / "snapshots" / revision).is_dir():
             return folder / "snapshots" / revision
     snapshots = sorted(p for p in (folder / "snapshots").glob("*") if p.is_dir()) if (folder / "snapshots").is_dir() else []

@@ -9,7 +9,6 @@ from timm's built-in configuration of NAME; the weights from that cache or --wei
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,9 @@ import torch
 
 from vitdeploy.errors import VitDeployError
 from vitdeploy.models import ModelSpec
-from vitdeploy.sources import hub_cache, import_extra
+from vitdeploy.sources import channel_values, hub_cache, import_extra, read_json
 
 PREFIX = "timm:"
-CONFIG_BYTES = 4 << 20  # a config.json larger than this is not one
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 MAX_ARG = 16384  # any integer architecture argument (depth, width, patch, image size, tokens) beyond this is refused
 
@@ -31,19 +29,6 @@ def _ref(name: str) -> str:
         raise VitDeployError(f"{name!r} is not a timm model name; write timm:ARCH or timm:ARCH.TAG "
                              "(`vitdeploy models --source timm` lists them)")
     return ref
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a model folder, refused when oversized or malformed."""
-    try:
-        if path.stat().st_size > CONFIG_BYTES:
-            raise VitDeployError(f"{what} {path} is larger than {CONFIG_BYTES >> 20} MiB; it is not a model configuration")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VitDeployError(f"{what} {path} is unreadable or not JSON ({str(exc)[:120]}); use an intact model folder") from None
-    if not isinstance(data, dict):
-        raise VitDeployError(f"{what} {path} is not a JSON object; use an intact model folder")
-    return data
 
 
 def _labels(config: dict[str, Any], pretrained_cfg: dict[str, Any], num_classes: int) -> tuple[str, ...]:
@@ -140,8 +125,8 @@ def _spec_of(model: Any, name: str, build: dict[str, Any], cfg: dict[str, Any], 
         input_size=int(height), patch_size=int(patch[0]), num_layers=len(model.blocks),
         num_heads=int(block.attn.num_heads), hidden_dim=int(model.embed_dim),
         mlp_dim=int(fc1.out_features) if fc1 is not None else 0,
-        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        mean=channel_values(cfg.get("mean"), (0.485, 0.456, 0.406), f"{name}'s pretrained config (mean)"),
+        std=channel_values(cfg.get("std"), (0.229, 0.224, 0.225), f"{name}'s pretrained config (std)"),
         family="finetune", default_recipe="short", pretrained={"local": weights},
         source="timm", build=build,
         interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
