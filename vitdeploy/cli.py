@@ -489,13 +489,14 @@ def predict(
     from vitdeploy.backends.factory import model_input, open_backend
     from vitdeploy.images import Fit, load_image_file
     from vitdeploy.manifest import read_manifest
+    from vitdeploy.predictions import default_top_k
     from vitdeploy.predictions import top_k as top_k_predictions
     from vitdeploy.preprocess import Preprocessing
 
     name = registry.parse_backends(backend, allow_all=False)[0]
     manifest = read_manifest(artifacts)
     classes = manifest["model"]["class_names"]
-    top_k = min(5, len(classes)) if top_k is None else top_k
+    top_k = default_top_k(len(classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(classes):
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
     fit = Fit.of(Preprocessing.from_dict(manifest["preprocessing"]))
@@ -547,13 +548,14 @@ def explain(
     from vitdeploy.files import write_new_files
     from vitdeploy.images import Fit, load_image_file
     from vitdeploy.overlay import explanation_png
+    from vitdeploy.predictions import default_top_k
 
     check_options(method, head_fusion, discard_ratio)
     check_output_dir(out, "--out")
     check_explain_out(out, images)
     loaded = load_explained_model(source, checkpoint)
     classes, path = loaded.class_names, loaded.path
-    top_k = min(5, len(classes)) if top_k is None else top_k
+    top_k = default_top_k(len(classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(classes):
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")
     target = None if class_ is None else class_index(class_, classes)

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vitdeploy import predictions
 from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.explain import class_index
@@ -253,7 +254,7 @@ def parse_count(raw: str, lo: int, hi: int) -> int | None:
 
 
 def _top_k(request: Request, num_classes: int) -> int:
-    raw = request.query_params.get("top_k", str(min(5, num_classes)))  # default: 5, or every class of a smaller model
+    raw = request.query_params.get("top_k", str(predictions.default_top_k(num_classes)))
     value = parse_count(raw, 1, num_classes)
     if value is None:
         raise ApiError(400, f"top_k must be an integer from 1 to {num_classes} (got {raw[:20]!r})")
