@@ -13,6 +13,7 @@ DEFAULT_MODEL = "vit_b_16"  # --model when none is given (the registry: vitdeplo
 DEVICES = ("auto", "cpu", "cuda")  # training; "cuda:N" also names one GPU
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUGMENTS = ("none", "trivial")  # per-sample augmentation policy
+DATA_PLACEMENTS = ("auto", "memory", "stream")  # where a run's images live (vitdeploy.train.datasource)
 RECIPES = ("short", "long")  # training recipes; "auto" chooses by epochs
 THROUGHPUT_SOURCES = ("real", "synthetic")  # vitdeploy throughput's inputs; "both" compares them
 FP16_POLICIES = {  # how the fp16 ONNX graph is made from the fp32 one

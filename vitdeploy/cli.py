@@ -68,6 +68,7 @@ Augment = _choices("Augment", choices.AUGMENTS)
 Source = _choices("Source", (*choices.THROUGHPUT_SOURCES, "both"))
 ModelSource = _choices("ModelSource", choices.MODEL_SOURCES)
 Resize = _choices("Resize", choices.RESIZE_MODES)
+DataPlacement = _choices("DataPlacement", choices.DATA_PLACEMENTS)
 BACKEND_METAVAR = _metavar(registry.NAMES)
 BACKEND_HELP = "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS)
 
@@ -205,7 +206,13 @@ def _other_models(source: str, pattern: str, as_json: bool) -> None:
 @app.command()
 def train(
     model: Annotated[Optional[str], typer.Option(help="Model name from `vitdeploy models`, or timm:NAME (timm's ViTs), or hf:FOLDER_OR_REPO (a transformers ViT/DeiT classifier).", show_default=_train_default("model"))] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py (or that folder itself).", show_default=_train_default("data_dir"))] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="CIFAR-10 (the folder holding cifar-10-batches-py, or that folder itself) or an image folder: ROOT/train/CLASS/IMAGE, with ROOT/val and ROOT/test alike when present.", show_default=_train_default("data_dir"))] = None,
+    store_size: Annotated[Optional[int], typer.Option(help="Image folders: decode every image once to this size in px (shorter side, centre square) into the cache; random crops of the model's input size come from it.", show_default="the model's input size + about 14% (256 for 224)")] = None,
+    skip_bad_images: Annotated[Optional[bool], typer.Option("--skip-bad-images", metavar="", help="Image folders: leave out files that cannot be used (counted in the run) instead of stopping with their names.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Image folders: where the decode cache lives.", show_default="ROOT/.vitdeploy-cache")] = None,
+    decode_workers: Annotated[Optional[int], typer.Option(help="Image folders: processes decoding images into the cache.", show_default="one per CPU, up to 8")] = None,
+    data_placement: Annotated[Optional[DataPlacement], typer.Option(help="Image folders: memory holds every image on the device; stream reads batches from the memory-mapped cache through pinned buffers; auto: memory when they fit in half the free memory.", show_default=_train_default("data_placement"))] = None,
+    data_memory_mb: Annotated[Optional[int], typer.Option(help="Image folders: the memory the images may take for --data-placement auto.", show_default="half the free memory of the device")] = None,
     download: Annotated[Optional[bool], typer.Option("--download", metavar="", help="Download CIFAR-10 into --data-dir with torchvision unless it is already there.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for checkpoints and metrics.", show_default="runs/MODEL-TIME; with --resume, the checkpoint's run")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="the model's recipe")] = None,
@@ -227,8 +234,8 @@ def train(
     cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha).", show_default=_train_default("cutmix_alpha"))] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", metavar="", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported.", show_default="the recipe's")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1).", show_default="tied to the run's length, 1 - 10/steps")] = None,
-    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint.", show_default=_train_default("val_size"))] = None,
-    test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass.", show_default="all 10,000")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint (image folders: a stratified split, unless ROOT/val exists).", show_default=_train_default("val_size"))] = None,
+    test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass.", show_default="the whole test set")] = None,
     test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", metavar="", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (quick runs).")] = None,
@@ -245,7 +252,7 @@ def train(
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test.", show_default="--batch-size")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Run data-parallel on N processes of this machine (re-launches itself through torchrun; --batch-size stays global).")] = None,
 ) -> None:
-    """Train or fine-tune a ViT on CIFAR-10 (validation split for model selection, test set reported).
+    """Train or fine-tune a ViT on CIFAR-10 or an image folder (validation split for model selection, test set reported).
 
     Under `torchrun --nproc-per-node N -m vitdeploy train ...` it trains data-parallel
     (DistributedDataParallel: NCCL on GPUs, gloo on CPUs)."""
@@ -300,21 +307,31 @@ def bench_train(
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Untimed steps first (allocation, autotuning, compilation).")] = 5,
     source: Annotated[Source, typer.Option(help="real: CIFAR-10 through the on-device pipeline; synthetic: ready model-input tensors; both: compare.")] = Source.both,
-    data_dir: Annotated[Path, typer.Option(help="Folder holding cifar-10-batches-py (for --source real/both).")] = Path("data"),
+    data_dir: Annotated[Path, typer.Option(help="CIFAR-10 (the folder holding cifar-10-batches-py) or an image folder (ROOT/train/CLASS/IMAGE), for --source real/both.")] = Path("data"),
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     precision: Annotated[Precision, typer.Option(help="Arithmetic, as for train.")] = Precision.auto,
     compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the model.")] = False,
     recipe: Annotated[str, typer.Option(help="Whose augmentation the real data goes through (and default batch): auto (each model's default recipe), short or long.")] = "auto",
+    store_size: Annotated[Optional[int], typer.Option(help="Image folders: the decode cache's size in px, as for train.", show_default="as for train")] = None,
+    data_placement: Annotated[DataPlacement, typer.Option(help="Image folders: memory, stream (from the memory-mapped cache) or auto, as for train.")] = DataPlacement.auto,
+    data_memory_mb: Annotated[Optional[int], typer.Option(help="Image folders: the memory the images may take for --data-placement auto.", show_default="half the free memory of the device")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Image folders: where the decode cache lives.", show_default="ROOT/.vitdeploy-cache")] = None,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", metavar="", help="Image folders: leave out files that cannot be used, as for train.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the records to this JSON file (rewritten after each measurement).")] = None,
 ) -> None:
     """Training throughput (images/s) with real data vs synthetic tensors: is the input pipeline the bottleneck?"""
     from vitdeploy.train.throughput import measure
 
     sources = list(choices.THROUGHPUT_SOURCES) if source is Source.both else [source.value]
-    records = measure(model, batch_size, steps, warmup_steps, sources, data_dir, device.value, precision.value, compile, json_out, recipe)
+    folder = {"store_size": store_size, "data_placement": data_placement.value, "data_memory_mb": data_memory_mb,
+              "cache_dir": str(cache_dir) if cache_dir else None, "skip_bad_images": skip_bad_images}
+    records = measure(model, batch_size, steps, warmup_steps, sources, data_dir, device.value, precision.value, compile, json_out,
+                      recipe, folder)
     table = Table("model", "source", "precision", "batch", "images/s", "ms/step", title=f"training throughput on {records[0]['device']['name']}")
     for r in records:
-        table.add_row(r["model"], r["source"], r["precision"], str(r["batch_size"]), f"{r['train_images_per_s']:,.1f}", f"{r['step_ms_mean']:.1f}")
+        where = f" ({r['dataset']}, {r['placement']['placement']})" if "placement" in r else ""
+        table.add_row(r["model"], r["source"] + where, r["precision"], str(r["batch_size"]), f"{r['train_images_per_s']:,.1f}",
+                      f"{r['step_ms_mean']:.1f}")
     console.print(table)
     for r in records:
         if "real_over_synthetic" in r:
@@ -338,7 +355,7 @@ def export(
     trt_profile: Annotated[Optional[list[str]], typer.Option(metavar="MIN:OPT:MAX", help="TensorRT optimization profile MIN:OPT:MAX (batch sizes); repeat for several, the backend runs the narrowest that holds a batch.", show_default="1:1:1 and 2:min(32,max):max")] = None,
     preprocess: Annotated[bool, typer.Option("--preprocess/--no-preprocess", metavar="", help="Graph input: uint8 images with preprocessing inside (default), or float32 normalized images.")] = True,
     parity_images: Annotated[int, typer.Option(help="Test images for the parity checks (first N).", show_default="the full test set")] = 10_000,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py.", show_default="the run's")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="CIFAR-10 (the folder holding cifar-10-batches-py) or an image folder: its test images (else val/) are the parity set, its training images calibrate INT8.", show_default="the run's")] = None,
     triton: Annotated[Optional[Path], typer.Option(help="Also lay out a Triton model repository here.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the contents of a non-empty --out.")] = False,
     workspace_gb: Annotated[float, typer.Option(help="TensorRT builder workspace limit, GiB.")] = 4.0,
@@ -415,7 +432,7 @@ def bench(
     min_seconds: Annotated[float, typer.Option(help="Timed seconds per configuration, at least.")] = 1.0,
     max_seconds: Annotated[float, typer.Option(help="Cap on the timed seconds per configuration (reported when it cuts a run short).")] = 20.0,
     limit: Annotated[Optional[int], typer.Option(help="Accuracy and parity on the first N test images.", show_default="all 10,000")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding cifar-10-batches-py.", show_default="the one the export used")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="CIFAR-10 (the folder holding cifar-10-batches-py) or an image folder, whose test images are measured.", show_default="the one the export used")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ort-cpu (intra-op) and pytorch on the CPU.", show_default="each runtime's own")] = None,
     compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the pytorch backend.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The training checkpoint, if it moved since the export (pytorch backend and reference).")] = None,
@@ -580,7 +597,7 @@ def explain(
 def loadtest(
     url: Annotated[str, typer.Argument(metavar="URL", help="The server, e.g. http://127.0.0.1:8000 (`vitdeploy serve`).")],
     image: Annotated[Optional[list[Path]], typer.Option(metavar="FILE", help="An image file to send (repeat for several; they are cycled).", show_default="the first --limit CIFAR-10 test images as PNG")] = None,
-    data_dir: Annotated[Path, typer.Option(help="Folder holding cifar-10-batches-py, when no --image is given.")] = Path("data"),
+    data_dir: Annotated[Path, typer.Option(help="CIFAR-10 (the folder holding cifar-10-batches-py) or an image folder, whose test images are sent when no --image is given.")] = Path("data"),
     limit: Annotated[int, typer.Option(help="How many test images to cycle through without --image.")] = 256,
     concurrency: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients, one level each.")] = "1,4,16,64",
     requests: Annotated[int, typer.Option(help="Predictions sent at each level.")] = 200,
@@ -595,12 +612,19 @@ def loadtest(
 
     from vitdeploy.bench.loadtest import LoadOptions, check_server, plot_png, run_level
     from vitdeploy.bench.report import records_csv
+    from vitdeploy.datasets import is_image_folder
     from vitdeploy.files import atomic_write_bytes
 
     check_output_dir(out, "--out")
     levels = tuple(_count(text, "--concurrency") for text in concurrency.split(",") if text.strip())
     if image:
         bodies = tuple(path.read_bytes() for path in image if _is_file(path))
+    elif is_image_folder(data_dir):  # the folder's own files, as clients would send them
+        from vitdeploy.imagefolder.listing import scan
+
+        listing = scan(data_dir)
+        files = next(listing.splits[split] for split in ("test", "val", "train") if split in listing.splits)
+        bodies = tuple((data_dir / f.path).read_bytes() for f in files[: max(1, limit)])
     else:
         from vitdeploy.data import load_test
 

@@ -140,16 +140,16 @@ def load_test(data_dir: Path) -> ImageSet:
 
 @dataclass(frozen=True)
 class ParitySet:
-    """Test images as a model takes them (fitted to its source size), with their labels where the
-    model's classes are CIFAR-10's (else None: parity is then logits and top-1 agreement alone)."""
+    """Test images as a model takes them (fitted to its source size), what they are, and their labels
+    where the model's classes are the dataset's (else None: parity is then logits and top-1 agreement alone)."""
 
     images: np.ndarray
     labels: np.ndarray | None
+    what: str = "first N images of the CIFAR-10 test set"
 
     @property
     def description(self) -> str:
-        what = "first N images of the CIFAR-10 test set"
-        return what if self.labels is not None else what + " (no labels: the model's classes are not CIFAR-10's)"
+        return self.what if self.labels is not None else self.what + " (no labels: the model's classes are not the dataset's)"
 
 
 def parity_set(data_dir: Path, limit: int, fit: Fit, class_names: Sequence[str]) -> ParitySet:

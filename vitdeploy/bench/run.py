@@ -23,7 +23,7 @@ from vitdeploy.backends.base import Backend, run_batches
 from vitdeploy.backends.factory import missing_hint, model_input, open_backend
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.choices import BENCH_MODES
-from vitdeploy.data import parity_set
+from vitdeploy.datasets import parity_set
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import Fit
 from vitdeploy.manifest import read_manifest
@@ -185,11 +185,11 @@ def run_bench(options: BenchOptions, say: Say = print,
         say(f"skipped {s['backend']}: {s['reason']}")
     data_dir = options.data_dir or Path(manifest.get("parity_data", {}).get("data_dir", "data"))
     test = parity_set(data_dir, options.limit or sys.maxsize, Fit.of(Preprocessing.from_dict(manifest["preprocessing"])),
-                      manifest["model"]["class_names"])
+                      manifest["model"]["class_names"], manifest.get("dataset"))
     images, labels, n = test.images, test.labels, len(test.images)
     batch_sizes = options.sizes(manifest)
-    say(f"{'accuracy and parity' if labels is not None else 'parity (no accuracy: the classes are not CIFAR-10s)'} on {n} "
-        f"CIFAR-10 test images from {data_dir}; timing batch sizes {', '.join(map(str, batch_sizes))}")
+    measured = "accuracy and parity" if labels is not None else "parity (no accuracy: the model's classes are not the dataset's)"
+    say(f"{measured} on {test.what} ({data_dir}); timing batch sizes {', '.join(map(str, batch_sizes))}")
     bench = _Bench(options, manifest, images, labels, batch_sizes, say)
     with bench.open("pytorch", "fp32", compile=False) as reference:  # always eager fp32, without graphs
         ref_logits = run_batches(reference, images, bench.eval_batch, say, "reference pytorch fp32:")

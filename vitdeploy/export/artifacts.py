@@ -27,12 +27,13 @@ from vitdeploy.backends.ort import OrtBackend
 from vitdeploy.backends.pytorch import TorchBackend
 from vitdeploy.checkpoint import atomic_save
 from vitdeploy.choices import FP16_POLICIES, RESIZE_MODES
-from vitdeploy.data import ParitySet, load_splits, load_train, parity_set
+from vitdeploy.data import ParitySet
+from vitdeploy.datasets import calibration_images, parity_set
 from vitdeploy.errors import VitDeployError
 from vitdeploy.export import fp16, onnx_export, staging, tensorrt, triton, trt_compat
 from vitdeploy.export import int8 as int8q
 from vitdeploy.files import check_output_dir
-from vitdeploy.images import Fit, fit_array
+from vitdeploy.images import Fit
 from vitdeploy.manifest import (
     MANIFEST,
     Manifest,
@@ -158,7 +159,8 @@ class _Source:
     @classmethod
     def load(cls, options: ExportOptions, loaded: LoadedModel) -> _Source:
         data_dir = _data_dir(options, loaded.checkpoint)
-        test = parity_set(data_dir, options.parity_images, Fit.of(loaded.preprocessing), loaded.class_names)
+        test = parity_set(data_dir, options.parity_images, Fit.of(loaded.preprocessing), loaded.class_names,
+                          loaded.checkpoint.get("dataset"))
         graph = replace(loaded.preprocessing, resize_mode=options.resize) if options.resize else loaded.preprocessing
         return cls(loaded.path, loaded.path, loaded.checkpoint, loaded.spec, loaded.module, loaded.preprocessing, graph,
                    loaded.class_names, data_dir, test)
@@ -168,8 +170,8 @@ def _data_dir(options: ExportOptions, checkpoint: dict[str, Any]) -> Path:
     """--data-dir, else the run's; a published model has no run: it must be given."""
     found = options.data_dir or checkpoint["config"].get("data_dir")
     if found is None:
-        raise VitDeployError("a model exported as published has no training run to take CIFAR-10 from: pass --data-dir "
-                             "with cifar-10-batches-py (its test images are the parity set)")
+        raise VitDeployError("a model exported as published has no training run to take test images from: pass --data-dir "
+                             "with cifar-10-batches-py or an image folder (its test images are the parity set)")
     return Path(found)
 
 
@@ -284,7 +286,7 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
     say(f"weights: {'the EMA of the run (what it evaluated and chose best.pt by)' if weights == 'ema' else 'the trained weights'} "
         f"of {source.path}")
     say(f"reference: PyTorch fp32 on {len(source.images)} test images from {source.data_dir}"
-        + ("" if source.parity.labels is not None else " (accuracy not measured: the model's classes are not CIFAR-10's)"))
+        + ("" if source.parity.labels is not None else " (accuracy not measured: the model's classes are not the dataset's)"))
     with TorchBackend(source.model, graph) as reference:  # what the graphs compute, --resize included
         ref_logits = run_batches(reference, source.images, options.max_batch, say, "reference:")
     resize_cost = _resize_cost(source, ref_logits, options.max_batch, say) if graph != source.preprocessing else None
@@ -366,6 +368,8 @@ def _manifest(options: ExportOptions, source: _Source, contract: dict[str, Any],
         "vitdeploy_version": __version__, "versions": versions(),
         "parity_data": {"data_dir": str(source.data_dir), "images": len(source.images),
                         "labels": source.parity.description},
+        **({"dataset": {k: v for k, v in source.checkpoint["dataset"].items() if k != "placement"}}
+           if isinstance(source.checkpoint.get("dataset"), dict) else {}),
         "tensorrt": {"built": any(a["kind"] == "tensorrt" for a in artifacts), "reason": no_trt_reason},
         **({"resize": resize_cost} if resize_cost is not None else {}),
         **({"published": source.checkpoint["config"]["published"]} if options.published else {}),
@@ -388,18 +392,9 @@ def _failures(artifacts: list[dict[str, Any]]) -> list[str]:
 def _calibration_images(options: ExportOptions, source: _Source) -> np.ndarray:
     """`--calib-images` training images outside the run's validation split (a published model had no run:
     any training image), drawn by `seed`, as the model takes them."""
-    config = source.checkpoint["config"]
-    try:
-        if options.published:
-            train = load_train(source.data_dir)
-        else:
-            train = load_splits(source.data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
-    except VitDeployError as exc:
-        raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
-                             "pass --data-dir with the training batches") from None
-    options.int8_options.validate(len(train))
-    order = np.random.default_rng(options.int8_options.seed).permutation(len(train))[: options.int8_options.calib_images]
-    return fit_array(train.images.numpy()[np.sort(order)], Fit.of(source.preprocessing))
+    return calibration_images(source.data_dir, options.int8_options.calib_images, options.int8_options.seed,
+                              Fit.of(source.preprocessing), None if options.published else source.checkpoint["config"],
+                              source.checkpoint.get("dataset"))
 
 
 def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray, verify: _Verifier,

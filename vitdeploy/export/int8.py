@@ -57,14 +57,11 @@ class Int8Options:
     exclude: tuple[str, ...] = ()  # empty: the head
     seed: int = 0
 
-    def validate(self, train_size: int | None = None) -> None:
+    def validate(self) -> None:
         if self.calib_method not in CALIBRATION_METHODS:
             raise VitDeployError(f"unknown --calib-method {self.calib_method!r}; choose {', '.join(CALIBRATION_METHODS)}")
         if self.calib_images < 1:
             raise VitDeployError("--calib-images must be at least 1")
-        if train_size is not None and self.calib_images > train_size:
-            raise VitDeployError(f"--calib-images {self.calib_images} exceeds the {train_size} training images outside the "
-                                 "validation split; lower it")
 
 
 def cpu_form(flags: set[str]) -> dict[str, Any]:

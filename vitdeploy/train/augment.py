@@ -53,18 +53,20 @@ class AugmentSettings:
     mixup_alpha: float | None = None  # None: off
     cutmix_alpha: float | None = None
     fill: tuple[int, int, int] = (0, 0, 0)  # uint8 colour of erased boxes: the normalization mean
+    crop_size: int | None = None  # random crops of this size from larger stored images (None: the stored size)
 
     @property
     def mixing(self) -> bool:
         return self.mixup_alpha is not None or self.cutmix_alpha is not None
 
     @classmethod
-    def of(cls, knobs: Any, mean: tuple[float, float, float]) -> AugmentSettings:
-        """The settings a TrainConfig describes; erased boxes take the colour of the normalization `mean`."""
+    def of(cls, knobs: Any, mean: tuple[float, float, float], crop_size: int | None = None) -> AugmentSettings:
+        """The settings a TrainConfig describes; erased boxes take the colour of the normalization `mean`;
+        `crop_size` below the stored images' size makes the random crops windows of it."""
         return cls(
             crop_padding=knobs.crop_padding, augment=knobs.augment, erase_prob=knobs.erase_prob,
             mixup_alpha=knobs.mixup_alpha if knobs.mixup else None, cutmix_alpha=knobs.cutmix_alpha if knobs.cutmix else None,
-            fill=tuple(round(255 * m) for m in mean),
+            fill=tuple(round(255 * m) for m in mean), crop_size=crop_size,
         )
 
 
@@ -284,9 +286,10 @@ class Augmenter:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor,
                  epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, seed = self.settings, self.seed
-        n, _, h, w = images.shape
-        dy, dx, flip = augment_params(seed, epoch, sample_ids, cfg.crop_padding)
-        images = random_crop_flip(images, dy, dx, flip, cfg.crop_padding)
+        n, _, stored, _ = images.shape
+        h = w = cfg.crop_size or stored
+        dy, dx, flip = augment_params(seed, epoch, sample_ids, cfg.crop_padding, stored - h)
+        images = random_crop_flip(images, dy, dx, flip, cfg.crop_padding, h)
         if cfg.augment == "trivial":
             images = trivial_augment(images, *trivial_params(sample_uniforms(seed, epoch, sample_ids, _TRIVIAL, 3)))
         if cfg.erase_prob > 0:

@@ -9,13 +9,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from vitdeploy.choices import AUGMENTS, DEFAULT_MODEL, DEVICES
+from vitdeploy.choices import AUGMENTS, DATA_PLACEMENTS, DEFAULT_MODEL, DEVICES
 from vitdeploy.errors import VitDeployError
 from vitdeploy.train import recipes
 
 # Options a resumed run may change; every other option is fixed by the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "out", "data_dir", "device", "compile", "log_every", "keep_checkpoints",
-                       "eval_batch_size", "test_size", "test_each_epoch")
+                       "eval_batch_size", "test_size", "test_each_epoch", "cache_dir", "decode_workers", "data_placement",
+                       "data_memory_mb")
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,17 @@ class TrainConfig:
     log_every: int = 20
     keep_checkpoints: int = 2
     eval_batch_size: int | None = None
+    # image folders (see vitdeploy.imagefolder); none of these changes what a batch holds but store_size and skip_bad_images
+    store_size: int | None = None  # None: the model's input size plus a margin (imagefolder.splits.default_store_size)
+    skip_bad_images: bool = False
+    cache_dir: str | None = None  # None: ROOT/.vitdeploy-cache
+    decode_workers: int | None = None  # None: up to 8, one per CPU
+    data_placement: str = "auto"
+    data_memory_mb: int | None = None  # None: half the free memory of the device
 
     def __post_init__(self) -> None:
-        from vitdeploy.data import IMAGE_SHAPE
         from vitdeploy.models import get_spec
+        from vitdeploy.preprocess import MAX_SIDE
         from vitdeploy.sources import source_of
 
         # a registry name is checked here; timm:/hf: names when a run starts (a resumed run takes its
@@ -80,8 +88,12 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (0 <= self.warmup_frac < 1, "--warmup-frac must be in [0, 1)"),
             (0 <= self.grad_clip <= 1e6, "--grad-clip must be in [0, 1e6] (0 turns clipping off)"),
-            (0 <= self.crop_padding <= IMAGE_SHAPE[-1],
-             f"--crop-padding must not be negative nor above {IMAGE_SHAPE[-1]} px, the size of the stored images (got {self.crop_padding})"),
+            (0 <= self.crop_padding <= MAX_SIDE,
+             f"--crop-padding must not be negative nor above {MAX_SIDE} px (got {self.crop_padding}); it is checked against the stored images' size when the run starts"),
+            (self.store_size is None or 8 <= self.store_size <= MAX_SIDE, f"--store-size must lie in 8..{MAX_SIDE} px (got {self.store_size})"),
+            (self.decode_workers is None or 1 <= self.decode_workers <= 256, f"--decode-workers must lie in 1..256 (got {self.decode_workers})"),
+            (self.data_placement in DATA_PLACEMENTS, f"--data-placement must be one of {', '.join(DATA_PLACEMENTS)} (got {self.data_placement})"),
+            (self.data_memory_mb is None or 0 <= self.data_memory_mb <= 2**40, f"--data-memory-mb must lie in 0..2**40 (got {self.data_memory_mb})"),
             (self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)} (got {self.augment})"),
             (0 <= self.erase_prob < 1, f"--erase-prob must be in [0, 1) (got {self.erase_prob})"),
             (not self.mixup or 0 < self.mixup_alpha <= 100, f"--mixup-alpha must be positive and at most 100 with --mixup on (got {self.mixup_alpha}); or use --no-mixup"),
@@ -136,8 +148,9 @@ class TrainConfig:
         name, settings = recipes.choose(spec, recipe or "auto", epochs)
         defaults = {**settings, "recipe": name, "pretrained": bool(spec.pretrained) and not options.get("weights")}
         values = {k: v for k, v in options.items() if v is not None}
-        if "data_dir" in values:  # absolute: export, bench and resume read config.json from anywhere
-            values["data_dir"] = str(Path(values["data_dir"]).absolute())
+        for key in ("data_dir", "cache_dir"):  # absolute: export, bench and resume read config.json from anywhere
+            if key in values:
+                values[key] = str(Path(values[key]).absolute())
         return cls(model=model, **{**defaults, **values})
 
     def recipe_values(self) -> dict[str, Any]:

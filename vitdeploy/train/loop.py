@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ from vitdeploy.checkpoint import (
     atomic_link,
     atomic_save,
 )
-from vitdeploy.data import load_splits
 from vitdeploy.errors import VitDeployError
 from vitdeploy.files import atomic_write_text
 from vitdeploy.models import (
@@ -44,11 +44,11 @@ from vitdeploy.models import (
     load_weights_file,
     spec_of_checkpoint,
 )
-from vitdeploy.preprocess import Preprocess, Preprocessing
+from vitdeploy.preprocess import Preprocessing
 from vitdeploy.progress import Ticker, eta
 from vitdeploy.train import distributed
-from vitdeploy.train.augment import Augmenter, AugmentSettings
 from vitdeploy.train.config import TrainConfig
+from vitdeploy.train.datasource import load_run_data
 from vitdeploy.train.distributed import DistContext
 from vitdeploy.train.ema import WeightEMA, default_decay
 from vitdeploy.train.precision import choose_precision
@@ -123,7 +123,6 @@ class _Run:
         config.check_ranks(dist.world_size)
         self.local_batch = config.batch_size // dist.world_size
         self.precision = choose_precision(self.device, config.precision)
-        self.preprocessing: Preprocessing = self.spec.preprocessing()
         self._init_data()
         torch.manual_seed(config.seed)
         self.model = build_model(self.spec, len(self.class_names))
@@ -153,24 +152,26 @@ class _Run:
     def _init_data(self) -> None:
         """The splits on the device (training with its augmenter), the step counts, the class names."""
         config = self.config
-        splits = load_splits(Path(config.data_dir), config.val_size, config.seed, config.subset, config.download, config.test_size)
-        self.class_names = splits.class_names
-        self.steps_per_epoch = len(splits.train) // config.batch_size
+        data = load_run_data(config, self.spec, self.device, self.dist, self.console.print, self._decode_progress)
+        self.preprocessing: Preprocessing = data.preprocessing
+        self.class_names = data.class_names
+        self.dataset = data.record
+        self.train_data, self.val_data, self.test_data = data.train, data.val, data.test
+        self.steps_per_epoch = len(self.train_data) // config.batch_size
         if self.steps_per_epoch == 0:
             raise VitDeployError(
-                f"the training set has {len(splits.train)} images, fewer than one batch of {config.batch_size}; "
+                f"the training set has {len(self.train_data)} images, fewer than one batch of {config.batch_size}; "
                 "lower --batch-size or raise --subset"
             )
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        preprocess = Preprocess(self.preprocessing)
-        augmenter = Augmenter(AugmentSettings.of(config, self.preprocessing.mean), preprocess.to(self.device),
-                              len(self.class_names), config.seed)
-        self.train_data = DeviceData(splits.train, preprocess, self.device, augmenter)
-        self.val_data = DeviceData(splits.val, preprocess, self.device)
-        self.test_data = DeviceData(splits.test, preprocess, self.device) if splits.test is not None else None
         self.eval_batch_size = config.eval_batch_size or config.batch_size
+
+    def _decode_progress(self, done: int, total: int) -> None:
+        """Decoding an image folder: a line now and then off a terminal (the bar is rich's on one)."""
+        if done == total or self.ticker.due():
+            self.console.print(f"decoded {done:,}/{total:,} images")
 
     def _ema(self, resume: dict[str, Any] | None) -> WeightEMA | None:
         """The EMA of the weights when the run keeps one (the decay it started with, when resumed)."""
@@ -240,6 +241,7 @@ class _Run:
             "config": self.config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "class_names": list(self.class_names),
+            "dataset": self.dataset,
             "precision": self.precision,
         }
 
@@ -332,32 +334,38 @@ class _Run:
                 prog.epoch_loss = [prog.epoch_loss[0] + value, prog.epoch_loss[1] + 1]
             window["start"] = time.perf_counter()
 
+        def mine(batch: int) -> torch.Tensor:
+            """This rank's share of the epoch's `batch`-th global batch."""
+            indices = order[batch * cfg.batch_size: (batch + 1) * cfg.batch_size]
+            return indices[self.dist.rank * self.local_batch: (self.dist.rank + 1) * self.local_batch]
+
+        last = min(self.steps_per_epoch, prog.batch + self.total_steps - prog.step)
         stopped = False
-        while prog.batch < self.steps_per_epoch and prog.step < self.total_steps:
-            signum = distributed.agree_signal(self.dist, stop.signum)  # every rank stops at the same step
-            if signum:
-                stop.set(signum)
-                stopped = True
-                break
-            indices = order[prog.batch * cfg.batch_size: (prog.batch + 1) * cfg.batch_size]
-            mine = indices[self.dist.rank * self.local_batch: (self.dist.rank + 1) * self.local_batch]
-            inputs, targets = self.train_data.batch(mine, epoch)
-            pending.append(train_step(self.step_ctx, inputs, targets))
-            if self.ema is not None:
-                self.ema.update(self.model)
-            self.schedule.step()
-            prog.batch += 1
-            prog.step += 1
-            prog.train_images += len(indices)
-            window["images"] += len(indices)
-            if prog.step % cfg.log_every == 0 or prog.batch == self.steps_per_epoch or prog.step == self.total_steps:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                flush()
-                record = self._log_window(epoch, window["images"], window["seconds"])
-                bar.update(task, completed=prog.step, loss=record["loss"], lr=record["lr"], ips=record["train_images_per_s"] or 0.0)
-                self._progress_line(record)
-                window["images"], window["seconds"] = 0, 0.0
+        with closing(self.train_data.batches((mine(b) for b in range(prog.batch, last)), epoch)) as batches:
+            while prog.batch < self.steps_per_epoch and prog.step < self.total_steps:
+                signum = distributed.agree_signal(self.dist, stop.signum)  # every rank stops at the same step
+                if signum:
+                    stop.set(signum)
+                    stopped = True
+                    break
+                inputs, targets = next(batches)
+                pending.append(train_step(self.step_ctx, inputs, targets))
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                self.schedule.step()
+                prog.batch += 1
+                prog.step += 1
+                prog.train_images += cfg.batch_size
+                window["images"] += cfg.batch_size
+                if prog.step % cfg.log_every == 0 or prog.batch == self.steps_per_epoch or prog.step == self.total_steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    flush()
+                    record = self._log_window(epoch, window["images"], window["seconds"])
+                    bar.update(task, completed=prog.step, loss=record["loss"], lr=record["lr"],
+                               ips=record["train_images_per_s"] or 0.0)
+                    self._progress_line(record)
+                    window["images"], window["seconds"] = 0, 0.0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         flush()
@@ -440,6 +448,7 @@ class _Run:
             "device": device_record(self.device),
             "versions": versions(),
             "config": self.config.to_dict(),
+            "dataset": self.dataset,
         }
         if self.dist.is_main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")

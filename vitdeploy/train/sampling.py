@@ -34,8 +34,10 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def augment_params(seed: int, epoch: int, sample_ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crop offsets (0..2*pad) and flip flags for each sample, from (seed, epoch, sample id) alone.
+def augment_params(seed: int, epoch: int, sample_ids: torch.Tensor, pad: int,
+                   slack: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop offsets (0..2*pad + slack, where `slack` is how much larger the stored image is than the
+    crop) and flip flags for each sample, from (seed, epoch, sample id) alone.
 
     Independent of batch composition, so any batching, resumption or sharding of an
     epoch augments every sample identically.
@@ -43,7 +45,7 @@ def augment_params(seed: int, epoch: int, sample_ids: torch.Tensor, pad: int) ->
     ids = sample_ids.cpu().numpy().astype(np.uint64)
     with np.errstate(over="ignore"):
         bits = _splitmix64(ids ^ _stream_key(seed, epoch, 1))
-    span = np.uint64(2 * pad + 1)
+    span = np.uint64(2 * pad + slack + 1)
     dy = (bits % span).astype(np.int64)
     dx = ((bits >> np.uint64(16)) % span).astype(np.int64)
     flip = ((bits >> np.uint64(32)) & np.uint64(1)).astype(bool)
@@ -60,21 +62,32 @@ def sample_uniforms(seed: int, epoch: int, sample_ids: torch.Tensor, stream: int
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def random_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
-    """Zero-pad by `pad`, crop back to the original size at (dy, dx), mirror where `flip`.
+def random_crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int,
+                     size: int | None = None) -> torch.Tensor:
+    """Zero-pad by `pad`, crop a `size` square (default: the original size) at (dy, dx), mirror where `flip`.
 
     Works on uint8 NCHW batches on any device, in one gather for the whole batch.
     """
-    if pad == 0:
+    n, _, h, w = images.shape
+    size = h if size is None else size
+    if pad == 0 and size == h == w:
         crops = images
     else:
-        n, _, h, w = images.shape
         device = images.device
-        padded = F.pad(images, (pad, pad, pad, pad))
-        rows = dy.to(device)[:, None] + torch.arange(h, device=device)[None, :]
-        cols = dx.to(device)[:, None] + torch.arange(w, device=device)[None, :]
+        padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+        rows = dy.to(device)[:, None] + torch.arange(size, device=device)[None, :]
+        cols = dx.to(device)[:, None] + torch.arange(size, device=device)[None, :]
         batch = torch.arange(n, device=device)[:, None, None]
         # Advanced indexing yields N, H, W, C; move channels back.
         crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     flip = flip.to(images.device)[:, None, None, None]
     return torch.where(flip, crops.flip(-1), crops).contiguous()
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre `size` square of uint8 NCHW images (evaluation's view of images stored larger)."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size].contiguous()

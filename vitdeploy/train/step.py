@@ -4,6 +4,10 @@ autocast, one optimizer step per accumulation) and evaluation, sharded across ra
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -12,12 +16,16 @@ import torch.nn.functional as F
 
 from vitdeploy.data import ImageSet
 from vitdeploy.errors import VitDeployError
+from vitdeploy.imagefolder.splits import StoredSet
 from vitdeploy.precision import TORCH_DTYPES
 from vitdeploy.preprocess import Preprocess
 from vitdeploy.train import distributed
 from vitdeploy.train.augment import Augmenter
 from vitdeploy.train.distributed import DistContext
+from vitdeploy.train.sampling import center_crop
 from vitdeploy.train.signals import StopRequest
+
+PREFETCH_BATCHES = 2  # batches a streamed set reads ahead
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,9 +47,12 @@ def autocast(device: torch.device, precision: str):  # noqa: ANN201 - a context 
 
 class DeviceData:
     """One image set held on the device as uint8; batches are gathered, augmented and
-    preprocessed there, so the host never touches individual images."""
+    preprocessed there, so the host never touches individual images. Images stored larger
+    than the model's crop (`crop`) are seen through their centre crop in evaluation, through
+    the augmenter's random crops in training."""
 
-    def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None) -> None:
+    def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None,
+                 crop: int | None = None) -> None:
         pin = device.type == "cuda"
         images = data.images.pin_memory() if pin else data.images
         self.images = images.to(device, non_blocking=pin)
@@ -49,16 +60,64 @@ class DeviceData:
         self.preprocess = preprocess.to(device)
         self.augmenter = augmenter
         self.device = device
+        self.crop = crop
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def _inputs(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if epoch is None or self.augmenter is None:
+            return self.preprocess(center_crop(images, self.crop) if self.crop else images), labels
+        return self.augmenter(images, labels, indices, epoch)
+
     def batch(self, indices: torch.Tensor, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Model input and targets for `indices`, augmented for `epoch` when given (training)."""
         idx = indices.to(self.device, non_blocking=True)
-        if epoch is None or self.augmenter is None:
-            return self.preprocess(self.images[idx]), self.labels[idx]
-        return self.augmenter(self.images[idx], self.labels[idx], indices, epoch)
+        return self._inputs(self.images[idx], self.labels[idx], indices, epoch)
+
+    def batches(self, plan: Iterable[torch.Tensor], epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`batch` for each index tensor of `plan`, in order."""
+        for indices in plan:
+            yield self.batch(indices, epoch)
+
+
+class StreamData(DeviceData):
+    """An image set left in its memory-mapped file (too large for memory or the device): a
+    background thread reads the next batches into pinned host memory while the device works on
+    this one; each arrives on the device as the same uint8 images DeviceData would gather, so
+    the batches are bitwise those of the in-memory path."""
+
+    def __init__(self, data: StoredSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None,
+                 crop: int | None = None, prefetch: int = PREFETCH_BATCHES) -> None:
+        self.stored = data
+        self.labels = data.labels.to(device)
+        self.preprocess = preprocess.to(device)
+        self.augmenter = augmenter
+        self.device = device
+        self.crop = crop
+        self.prefetch = prefetch
+
+    def _read(self, indices: torch.Tensor) -> torch.Tensor:
+        images = self.stored.gather(indices.numpy())
+        return images.pin_memory() if self.device.type == "cuda" else images
+
+    def batch(self, indices: torch.Tensor, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.batches([indices], epoch))
+
+    def batches(self, plan: Iterable[torch.Tensor], epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = iter(plan)
+        with ThreadPoolExecutor(1, thread_name_prefix="vitdeploy-stream") as reader:
+            pending: deque[tuple[torch.Tensor, Future]] = deque()
+            for indices in itertools.islice(plan, self.prefetch):
+                pending.append((indices, reader.submit(self._read, indices)))
+            while pending:
+                indices, future = pending.popleft()
+                nxt = next(plan, None)
+                if nxt is not None:
+                    pending.append((nxt, reader.submit(self._read, nxt)))
+                images = future.result().to(self.device, non_blocking=True)
+                yield self._inputs(images, self.labels[indices.to(self.device)], indices, epoch)
 
 
 @dataclass
@@ -115,11 +174,11 @@ def evaluate(model: torch.nn.Module, data: DeviceData, batch_size: int, precisio
     correct = torch.zeros((), dtype=torch.int64, device=data.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     first, last = distributed.shard(dist, len(data))
-    for start in range(first, last, batch_size):
+    plan = (torch.arange(start, min(start + batch_size, last)) for start in range(first, last, batch_size))
+    for x, y in data.batches(plan):
         if stop is not None and distributed.agree_signal(dist, stop.signum):
             model.train()
             raise EvaluationStopped
-        x, y = data.batch(torch.arange(start, min(start + batch_size, last)))
         with autocast(data.device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
