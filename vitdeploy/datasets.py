@@ -46,8 +46,8 @@ def calibration_images(data_dir: Path, count: int, seed: int, fit: Fit, config: 
         else:
             train = cifar.load_splits(data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
     except VitDeployError as exc:
-        raise VitDeployError(f"--int8 calibrates on training images, which could not be read ({exc}); "
-                             "pass --data-dir with CIFAR-10's training batches or an image folder") from None
+        raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
+                             "pass --data-dir with the training batches, or an image folder") from None
     if count > len(train):
         raise VitDeployError(f"--calib-images {count} exceeds the {len(train)} training images outside the validation "
                              f"split of {data_dir}; lower it")

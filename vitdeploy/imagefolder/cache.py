@@ -61,10 +61,12 @@ class StoreRule:
 
 @dataclass(frozen=True)
 class Stored:
-    """One split of a built cache: images (memory-mapped, N x 3 x S x S uint8) and labels."""
+    """One split of a built cache: images (memory-mapped, N x 3 x S x S uint8), labels, and each
+    image's position in the listing's split (the files left out have none)."""
 
     images: np.ndarray
     labels: np.ndarray
+    index: np.ndarray
 
     @property
     def nbytes(self) -> int:
@@ -174,6 +176,7 @@ def _build(tmp: Path, listing: Listing, rule: StoreRule, workers: int,
             del images
         labels = np.array([files[i].label for i in keep], dtype=np.int64)
         np.save(tmp / f"{split}.labels.npy", labels)
+        np.save(tmp / f"{split}.index.npy", keep.astype(np.int64))
         split_meta[split] = {"images": len(keep), "files": len(files)}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": rule.to_dict(),
             "class_names": list(listing.class_names), "splits": split_meta,
@@ -255,13 +258,17 @@ def _open(path: Path, key: str, listing: Listing, rule: StoreRule, built: bool) 
         for split, files in listing.splits.items():
             images = np.load(path / f"{split}.images.npy", mmap_mode="c", allow_pickle=False)
             labels = np.load(path / f"{split}.labels.npy", allow_pickle=False)
+            index = np.load(path / f"{split}.index.npy", allow_pickle=False)
             count = meta["splits"][split]["images"]
             if images.dtype != np.uint8 or images.shape != (count, 3, rule.size, rule.size) or count > len(files):
                 raise ValueError(f"{split}.images.npy is {images.dtype} {images.shape}")
             if labels.dtype != np.int64 or labels.shape != (count,) or (count and not
                                                                          0 <= labels.min() <= labels.max() < len(listing.class_names)):
                 raise ValueError(f"{split}.labels.npy does not hold {count} class indices")
-            splits[split] = Stored(images, labels)
+            if index.dtype != np.int64 or index.shape != (count,) or (count and (index[0] < 0 or index[-1] >= len(files)
+                                                                                 or np.any(np.diff(index) <= 0))):
+                raise ValueError(f"{split}.index.npy does not hold {count} increasing file positions")
+            splits[split] = Stored(images, labels, index)
         bad = tuple(BadFile(str(b["path"]), str(b["reason"])) for b in meta["bad"])
         bad_count = int(meta["bad_count"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

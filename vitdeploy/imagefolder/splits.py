@@ -1,6 +1,7 @@
 """The splits of an image-folder dataset as training, export and bench read them: from the
-decode cache (memory-mapped), with a seeded, stratified validation split when ROOT has no
-val/, bad files refused or (with --skip-bad-images) counted, and the record of what was read.
+decode cache (memory-mapped), with a seeded, stratified validation split of the listed
+training files when ROOT has no val/ (files that fail to decode drop out of whichever side
+they fell on), bad files refused or (with --skip-bad-images) counted, and the record of it.
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ def load_folder(root: Path, store_size: int, resample: str, val_size: int, seed:
     if "val" in cache.splits:
         val, val_from = whole("val"), {"split": "val"}
     else:
-        train_pos, val_pos = stratified_split(train.labels.numpy(), val_size, seed, len(names))
-        train, val = train.take(train_pos), train.take(val_pos)
+        # drawn over the listing, not the decoded images, so that export can redraw it from the files alone
+        listed = np.array([f.label for f in listing.splits["train"]], dtype=np.int64)
+        in_val = np.isin(cache.splits["train"].index, stratified_split(listed, val_size, seed, len(names))[1])
+        train, val = train.take(np.flatnonzero(~in_val)), train.take(np.flatnonzero(in_val))
         val_from = {"split": "train", "val_size": val_size, "seed": seed}
     if subset is not None:
         train = train.take(np.arange(min(subset, len(train))))
@@ -160,7 +163,8 @@ def load_folder(root: Path, store_size: int, resample: str, val_size: int, seed:
         test = test.take(np.arange(test_size))
     for name, part in (("train", train), ("val", val)):
         if len(part) == 0:
-            raise VitDeployError(f"{root}: the {name} split has no usable images")
+            raise VitDeployError(f"{root}: the {name} split has no usable images (those drawn for it could not be decoded); "
+                                 + ("raise --val-size or add ROOT/val" if name == "val" else "add training images"))
     record = {
         "kind": "image-folder",
         "root": str(root),

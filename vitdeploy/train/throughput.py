@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from vitdeploy.errors import VitDeployError
-from vitdeploy.models import build_model, get_spec
+from vitdeploy.models import ModelSpec, build_model, get_spec
 from vitdeploy.train.config import TrainConfig
-from vitdeploy.train.datasource import load_run_data
+from vitdeploy.train.datasource import RunData, load_run_data
 from vitdeploy.train.distributed import DistContext
 from vitdeploy.train.precision import choose_precision
 from vitdeploy.train.schedule import build_optimizer
@@ -44,6 +44,16 @@ def _real_batches(data: DeviceData, batch_size: int) -> Batches:
 
     stream = data.batches(plan(), epoch=0)
     return lambda _i: next(stream)
+
+
+def _real_data(config: TrainConfig, spec: ModelSpec, device: torch.device, batch: int) -> RunData:
+    """The training images of `config` as a run holds them (every one: no validation or test split needed)."""
+    if config.mixing and batch % 2:
+        raise VitDeployError(f"the {config.recipe} recipe mixes images in pairs: use an even --batch-size (got {batch})")
+    data = load_run_data(replace(config, test_size=0, val_size=1), spec, device, DistContext(), lambda _: None)
+    if len(data.train) < batch:
+        raise VitDeployError(f"{config.data_dir} has {len(data.train)} training images, fewer than one batch of {batch}")
+    return data
 
 
 def _synthetic_batches(input_size: int, device: torch.device, batch_size: int, num_classes: int) -> Batches:
@@ -94,13 +104,7 @@ def measure(
         chosen = TrainConfig.from_options(name, recipe, data_dir=str(data_dir), **(folder or {}))
         recipe_name = chosen.recipe
         batch = batch_size or chosen.batch_size
-        data = None
-        if "real" in sources:
-            if chosen.mixing and batch % 2:
-                raise VitDeployError(f"the {recipe_name} recipe mixes images in pairs: use an even --batch-size (got {batch})")
-            data = load_run_data(replace(chosen, test_size=0, val_size=1), spec, device, DistContext(), lambda _: None)
-            if len(data.train) < batch:
-                raise VitDeployError(f"{data_dir} has {len(data.train)} training images, fewer than one batch of {batch}")
+        data = _real_data(chosen, spec, device, batch) if "real" in sources else None
         num_classes = len(data.class_names) if data is not None else 10
         torch.manual_seed(0)
         model = build_model(spec, num_classes).to(device)
