@@ -21,6 +21,7 @@ from PIL import Image
 import vitdeploy.train.loop as loop
 from tests.conftest import SHARED_CIFAR, run_cli, serve_client
 from tests.image_folders import picture, source_images, write_image_folder
+from tests.test_distributed import assert_same_weights, torchrun
 from tests.test_train import assert_same_losses, step_losses
 from vitdeploy.bench.run import BenchOptions, run_bench
 from vitdeploy.bench.timing import TimingPolicy
@@ -48,13 +49,17 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               test_per_class=5, bad=True)
 
 
+def train_args(folder: Path, out: Path) -> list[str]:
+    return ["train", "--model", "vit_cifar_tiny", "--data-dir", str(folder), "--store-size", "64", "--epochs", "2",
+            "--batch-size", "16", "--val-size", "12", "--recipe", "long", "--skip-bad-images", "--device", "cpu",
+            "--log-every", "1", "--out", str(out)]
+
+
 @pytest.fixture(scope="module")
 def run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`vitdeploy train` as a user runs it: 2 epochs at a 64 px store, every augmentation of the long recipe."""
     out = tmp_path_factory.mktemp("runs") / "pets"
-    result = run_cli("train", "--model", "vit_cifar_tiny", "--data-dir", str(folder), "--store-size", "64", "--epochs", "2",
-                     "--batch-size", "16", "--val-size", "12", "--recipe", "long", "--skip-bad-images", "--device", "cpu",
-                     "--log-every", "1", "--out", str(out))
+    result = run_cli(*train_args(folder, out))
     assert result.returncode == 0, result.stderr
     assert "--skip-bad-images: 3 files" in result.stdout and "images stored at 64 px" in result.stdout
     return out
@@ -104,6 +109,17 @@ def test_streamed_stopped_and_resumed_run_equals_the_run_in_memory(run: Path, tm
     assert step_losses(run) == step_losses(tmp_path / "cut")  # bitwise, not just close
     full = json.loads((run / "summary.json").read_text())
     assert resumed["final_test_acc"] == full["final_test_acc"] and resumed["best_val_acc"] == full["best_val_acc"]
+
+
+def test_two_ranks_streaming_train_what_one_rank_in_memory_does(run: Path, folder: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks: rank 0 decodes into a new cache while rank 1 waits, both stream their shares."""
+    result = torchrun(*train_args(folder, tmp_path / "two"), "--data-memory-mb", "0", "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(run / "last.pt", tmp_path / "two" / "last.pt")
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(run), abs=1e-4)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["dataset"]["placement"]["placement"] == "stream"
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one cache, no temporary folder left
 
 
 def test_stream_batches_are_bitwise_the_memory_batches(folder: Path, tmp_path: Path) -> None:
