@@ -31,9 +31,9 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.export.artifacts import ExportOptions, export_artifacts
 from vitdeploy.export.int8 import Int8Options
 from vitdeploy.imagefolder import cache as image_cache
-from vitdeploy.images import Fit
 from vitdeploy.imagefolder.listing import scan
 from vitdeploy.imagefolder.splits import StoredSet, default_store_size, load_folder, stratified_split
+from vitdeploy.images import Fit
 from vitdeploy.preprocess import Preprocess, Preprocessing
 from vitdeploy.train import StopRequest, TrainConfig, run_training
 from vitdeploy.train.augment import Augmenter, AugmentSettings
