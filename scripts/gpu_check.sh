@@ -37,6 +37,7 @@ if [ "$SMOKE" = 1 ]; then  # the same sections with tiny work, on the CPU
   SWEEP_ARGS=(--subset 300 --only recipe crop4)
   BENCH_ARGS=(--limit 20 --batch-sizes 1,4 --min-iters 2 --max-seconds 0.5)
   B16_MODEL=vit_cifar_tiny; B16_TRAIN=(--subset 64 --val-size 40 --batch-size 16); B16_BENCH=("${BENCH_ARGS[@]}")
+  FOLDER_ARGS=(--train-per-class 3 --test-per-class 1 --side 48); FOLDER_TP=("${TP_ARGS[@]}" --store-size 36)
   [ -d "$DATA" ] || DATA=${GPU_CHECK_DATA:?set GPU_CHECK_DATA to a folder with cifar-10-batches-py}
 else
   DEVICE=cuda; TP_ARGS=(--model vit_b_16 --model vit_cifar_small --model vit_cifar_tiny --steps 20 --warmup-steps 5)
@@ -44,6 +45,7 @@ else
   RUN_ARGS=(--epochs 6); PARITY_IMAGES=2000; SWEEP_ARGS=()
   BENCH_ARGS=(--batch-sizes 1,8,32,128,256 --max-seconds 2)
   B16_MODEL=vit_b_16; B16_TRAIN=(--subset 2560 --val-size 256 --batch-size 64); B16_BENCH=(--backend pytorch --limit 1000 --batch-sizes 1,8,32,128 --max-seconds 2)
+  FOLDER_ARGS=(--train-per-class 200 --test-per-class 1 --side 256); FOLDER_TP=(--model vit_b_16 --steps 20 --warmup-steps 5)
 fi
 
 # section NAME BUDGET_SECONDS COMMAND...: run it under a timeout, log its output, record its status, pack results.
@@ -107,6 +109,16 @@ section gpu_tests 60 "$PY" -m pytest -q -m "gpu or trt" tests -p no:cacheprovide
 # measured 16-17 s
 section train_throughput 60 "$PY" -m vitdeploy bench-train "${TP_ARGS[@]}" --source both --data-dir "$DATA" \
   --device "$DEVICE" --json "$RES/train_throughput.json"
+
+# Issue 23: an image folder of 2,000 JPEGs at 256 px (writing them: about 10 s), decoded once to the 256 px cache
+# (about 3 s on 8 workers), then vit_b_16 bf16 training throughput with the images held on the GPU vs streamed from
+# the memory-mapped cache vs synthetic: smoke-run only so far (2 CPU cores); about 15 s per bench-train: 45 s, 75
+section folder_stream 75 bash -c "rm -rf $W/folder \
+  && $PY scripts/image_folder.py $W/folder --data '$DATA' ${FOLDER_ARGS[*]} \
+  && $PY -m vitdeploy bench-train ${FOLDER_TP[*]} --source both --data-dir $W/folder --data-placement memory \
+     --device $DEVICE --json '$RES/folder_memory.json' \
+  && $PY -m vitdeploy bench-train ${FOLDER_TP[*]} --source real --data-dir $W/folder --data-placement stream \
+     --device $DEVICE --json '$RES/folder_stream.json'"
 
 # Issue 2's 2-epoch CPU recipe in fp32 with candidate settings, many runs at once on the GPU (chooses what to
 # confirm on a CPU). In the background: the short run and export below need little GPU.

@@ -133,7 +133,7 @@ def test_a_colour_key_is_transparent_over_white(mode: str) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--crop-padding", "100000"], "--crop-padding must not be negative nor above 32 px"),
+    (["--crop-padding", "100000"], "--crop-padding must not be negative nor above 1024 px"),
     (["--lr", "inf"], "--lr must be positive and at most 10"),
     (["--lr", "nan"], "--lr must be positive and at most 10"),
     (["--mixup", "--mixup-alpha", "inf"], "--mixup-alpha must be positive and at most 100"),

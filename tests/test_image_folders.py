@@ -124,12 +124,14 @@ def test_two_ranks_streaming_train_what_one_rank_in_memory_does(run: Path, folde
 
 def test_stream_batches_are_bitwise_the_memory_batches(folder: Path, tmp_path: Path) -> None:
     data = load_folder(folder, 64, "bilinear", 12, 0, cache_dir=tmp_path, skip_bad=True, **QUIET)
+    default = load_folder(folder, 64, "bilinear", None, 0, cache_dir=tmp_path, skip_bad=True, **QUIET)  # the cache reused
+    assert default.record["val_from"]["val_size"] == 8  # a tenth of the 82 files listed in train/
     pre = Preprocess(Preprocessing(32, 32, "bilinear", (0.5,) * 3, (0.25,) * 3, 0.5))
     settings = AugmentSettings(crop_padding=2, augment="trivial", erase_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, crop_size=32)
     augmenter = Augmenter(settings, pre, 4, seed=3)
     from vitdeploy.data import ImageSet
 
-    memory = DeviceData(ImageSet(data.train.in_memory(), data.train.labels), pre, torch.device("cpu"), augmenter, crop=32)
+    memory = DeviceData(ImageSet(data.train.on(torch.device("cpu")), data.train.labels), pre, torch.device("cpu"), augmenter, crop=32)
     stream = StreamData(data.train, pre, torch.device("cpu"), augmenter, crop=32)
     plan = [torch.randperm(len(data.train), generator=torch.Generator().manual_seed(i))[:16] for i in range(5)]
     for (xa, ya), (xb, yb) in zip(memory.batches(plan, epoch=1), stream.batches(plan, epoch=1), strict=True):

@@ -234,7 +234,7 @@ def train(
     cutmix_alpha: Annotated[Optional[float], typer.Option(help="Cutmix area ~ Beta(alpha, alpha).", show_default=_train_default("cutmix_alpha"))] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", metavar="", help="Keep an EMA of the weights; it is evaluated, chooses best.pt and is exported.", show_default="the recipe's")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay per optimizer step, in (0, 1).", show_default="tied to the run's length, 1 - 10/steps")] = None,
-    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint (image folders: a stratified split, unless ROOT/val exists).", show_default=_train_default("val_size"))] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training images held out for choosing the best checkpoint (image folders: a stratified split, unless ROOT/val exists).", show_default="5,000 of CIFAR-10; a tenth of an image folder's train/, at most 5,000")] = None,
     test_size: Annotated[Optional[int], typer.Option(help="Test images reported on (the first N), 0 = no test pass.", show_default="the whole test set")] = None,
     test_each_epoch: Annotated[Optional[bool], typer.Option("--test-each-epoch", metavar="", help="Also report test accuracy after every epoch (a learning curve; never used to choose checkpoints).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Train on the first N training images only (quick runs).")] = None,

@@ -27,6 +27,7 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 IMAGE_SHAPE = (3, 32, 32)
+DEFAULT_VAL_SIZE = 5000  # training images held out for validation when --val-size is not given
 
 
 @dataclass(frozen=True)

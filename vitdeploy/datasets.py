@@ -44,7 +44,7 @@ def calibration_images(data_dir: Path, count: int, seed: int, fit: Fit, config: 
         if config is None:
             train = cifar.load_train(data_dir)
         else:
-            train = cifar.load_splits(data_dir, int(config.get("val_size", 5000)), int(config.get("seed", 0)), test_size=0).train
+            train = cifar.load_splits(data_dir, int(config.get("val_size") or cifar.DEFAULT_VAL_SIZE), int(config.get("seed", 0)), test_size=0).train
     except VitDeployError as exc:
         raise VitDeployError(f"--int8 calibrates on CIFAR-10 training images, which could not be read ({exc}); "
                              "pass --data-dir with the training batches, or an image folder") from None

@@ -108,8 +108,8 @@ def open_or_build(listing: Listing, rule: StoreRule, cache_dir: Path | None, wor
     _check_room(folder, listing, rule)
     say(f"decoding {sum(listing.counts().values()):,} images of {listing.root} to {rule.size} px "
         f"({max(1, workers)} worker{'s' if workers > 1 else ''}) into {target}")
+    _remove_abandoned(folder, key)
     tmp = folder / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         bad = _build(tmp, listing, rule, workers, progress)
@@ -124,6 +124,26 @@ def open_or_build(listing: Listing, rule: StoreRule, cache_dir: Path | None, wor
     if bad:
         say(f"{len(bad)} files could not be decoded (recorded in {target / 'meta.json'})")
     return cache
+
+
+def _remove_abandoned(folder: Path, key: str) -> None:
+    """Temporary folders of builds of `key` whose process is gone (killed mid-build)."""
+    for tmp in folder.glob(f".tmp-{key}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not building it yet: a leftover of an earlier call
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _check_room(folder: Path, listing: Listing, rule: StoreRule) -> None:

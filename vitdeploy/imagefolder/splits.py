@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitdeploy.data import DEFAULT_VAL_SIZE
 from vitdeploy.errors import VitDeployError
 from vitdeploy.imagefolder import cache as image_cache
 from vitdeploy.imagefolder.listing import Listing, describe_bad, scan
 from vitdeploy.preprocess import MAX_SIDE, Preprocessing
 
 MIN_STORE = 8
+LOAD_CHUNK = 4096  # images read from the cache at a time when a set is loaded whole
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,12 @@ class StoredSet:
     def take(self, positions: np.ndarray) -> StoredSet:
         return StoredSet(self.images, self.labels[torch.from_numpy(positions)], self.rows[positions])
 
-    def in_memory(self) -> torch.Tensor:
-        """Every image of the set, read into memory."""
-        return self.gather(np.arange(len(self)))
+    def on(self, device: torch.device) -> torch.Tensor:
+        """Every image of the set, read onto `device` a chunk at a time (no second copy in host memory)."""
+        out = torch.empty((len(self), *self.images.shape[1:]), dtype=torch.uint8, device=device)
+        for start in range(0, len(self), LOAD_CHUNK):
+            out[start:start + LOAD_CHUNK] = self.gather(np.arange(start, min(start + LOAD_CHUNK, len(self))))
+        return out
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,11 @@ def check_bad(listing: Listing, cache: image_cache.Cache, skip_bad: bool) -> int
     return cache.bad_count
 
 
-def load_folder(root: Path, store_size: int, resample: str, val_size: int, seed: int, subset: int | None = None,
+def load_folder(root: Path, store_size: int, resample: str, val_size: int | None, seed: int, subset: int | None = None,
                 test_size: int | None = None, cache_dir: Path | None = None, workers: int = 1, skip_bad: bool = False,
                 say: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None) -> FolderData:
-    """Train/validation/test of ROOT (see the module docstring); `subset` and `test_size` keep the first N."""
+    """Train/validation/test of ROOT (see the module docstring); `val_size` None holds out a tenth of train/
+    (at most DEFAULT_VAL_SIZE); `subset` and `test_size` keep the first N."""
     listing, cache = open_folder(root, store_size, resample, cache_dir, workers, say, progress)
     skipped = check_bad(listing, cache, skip_bad)
     names = listing.class_names
@@ -151,6 +157,7 @@ def load_folder(root: Path, store_size: int, resample: str, val_size: int, seed:
     else:
         # drawn over the listing, not the decoded images, so that export can redraw it from the files alone
         listed = np.array([f.label for f in listing.splits["train"]], dtype=np.int64)
+        val_size = val_size or max(1, min(DEFAULT_VAL_SIZE, round(len(listed) / 10)))
         in_val = np.isin(cache.splits["train"].index, stratified_split(listed, val_size, seed, len(names))[1])
         train, val = train.take(np.flatnonzero(~in_val)), train.take(np.flatnonzero(in_val))
         val_from = {"split": "train", "val_size": val_size, "seed": seed}

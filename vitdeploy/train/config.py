@@ -45,7 +45,7 @@ class TrainConfig:
     cutmix_alpha: float = 1.0
     ema: bool = False
     ema_decay: float | None = None  # None: tied to the run's length (see ema.default_decay)
-    val_size: int = 5000
+    val_size: int | None = None  # None: 5,000 of CIFAR-10; a tenth of an image folder's train/ (see the data modules)
     test_size: int | None = None  # None: the whole test set; 0: no test pass
     test_each_epoch: bool = False
     subset: int | None = None
@@ -99,7 +99,7 @@ class TrainConfig:
             (not self.mixup or 0 < self.mixup_alpha <= 100, f"--mixup-alpha must be positive and at most 100 with --mixup on (got {self.mixup_alpha}); or use --no-mixup"),
             (not self.cutmix or 0 < self.cutmix_alpha <= 100, f"--cutmix-alpha must be positive and at most 100 with --cutmix on (got {self.cutmix_alpha}); or use --no-cutmix"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema-decay must be in (0, 1) (got {self.ema_decay})"),
-            (self.val_size >= 1, f"--val-size must be at least 1 (got {self.val_size})"),
+            (self.val_size is None or self.val_size >= 1, f"--val-size must be at least 1 (got {self.val_size})"),
             (self.test_size is None or self.test_size >= 0, f"--test-size must be 0 (no test pass) or more (got {self.test_size})"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.subset is None or self.subset >= 1, "--subset must be at least 1"),

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vitdeploy.data import ImageSet, load_splits
+from vitdeploy.data import DEFAULT_VAL_SIZE, ImageSet, load_splits
 from vitdeploy.errors import VitDeployError
 from vitdeploy.imagefolder.listing import is_image_folder
 from vitdeploy.imagefolder.splits import StoredSet, check_store_size, default_store_size, load_folder, train_preprocessing
@@ -72,7 +72,7 @@ def load_run_data(config: TrainConfig, spec: ModelSpec, device: torch.device, di
     if config.store_size is not None or config.skip_bad_images:
         raise VitDeployError(f"{root} holds no image folder (ROOT/train/CLASS/IMAGE): --store-size and --skip-bad-images "
                              "are for image folders; CIFAR-10 is stored at 32 px")
-    splits = load_splits(root, config.val_size, config.seed, config.subset, config.download, config.test_size)
+    splits = load_splits(root, config.val_size or DEFAULT_VAL_SIZE, config.seed, config.subset, config.download, config.test_size)
     preprocessing = spec.preprocessing()
     _check_padding(config, 32)
     record = {"kind": "cifar10", "class_names": list(splits.class_names),
@@ -136,7 +136,7 @@ def _device_sets(config: TrainConfig, device: torch.device, preprocessing: Prepr
         if isinstance(data, StoredSet):
             if placement == "stream":
                 return StreamData(data, preprocess, device, aug, crop)
-            data = ImageSet(data.in_memory(), data.labels)
+            data = ImageSet(data.on(device), data.labels)
         return DeviceData(data, preprocess, device, aug, crop)
 
     return made(sets[0], augmenter), made(sets[1], None), made(sets[2], None) if sets[2] is not None else None

@@ -124,6 +124,8 @@ class _Run:
         self.local_batch = config.batch_size // dist.world_size
         self.precision = choose_precision(self.device, config.precision)
         self._init_data()
+        if resume is not None:
+            self._note_changed_data(resume.get("dataset"))
         torch.manual_seed(config.seed)
         self.model = build_model(self.spec, len(self.class_names))
         if resume is None:
@@ -167,6 +169,14 @@ class _Run:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.eval_batch_size = config.eval_batch_size or config.batch_size
+
+    def _note_changed_data(self, before: Any) -> None:
+        """A resumed image-folder run whose files changed since the checkpoint continues on the new ones, and says so."""
+        key = before.get("cache_key") if isinstance(before, dict) else None
+        if key is not None and key != self.dataset.get("cache_key"):
+            self.console.print(f"the images of {self.config.data_dir} changed since the checkpoint (cache {key} -> "
+                               f"{self.dataset.get('cache_key')}): the run continues on them, so it no longer repeats "
+                               "the batches an uninterrupted run would have seen")
 
     def _decode_progress(self, done: int, total: int) -> None:
         """Decoding an image folder: a line now and then off a terminal (the bar is rich's on one)."""

@@ -53,7 +53,7 @@ class DeviceData:
 
     def __init__(self, data: ImageSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None,
                  crop: int | None = None) -> None:
-        pin = device.type == "cuda"
+        pin = device.type == "cuda" and data.images.device.type == "cpu"
         images = data.images.pin_memory() if pin else data.images
         self.images = images.to(device, non_blocking=pin)
         self.labels = data.labels.to(device, non_blocking=pin)
