@@ -29,7 +29,8 @@ def _decode(listing: Listing, files: Sequence[ImageFile], limit: int, fit: Fit) 
         except VitDeployError:
             bad += 1
     if not images:
-        raise VitDeployError(f"no readable images in {listing.root} for parity or calibration ({bad} files could not be decoded)")
+        raise VitDeployError(f"no readable images in {listing.root} for parity or calibration ({bad} files could not be "
+                             "decoded); `vitdeploy train --data-dir` on the folder names them, or pass --data-dir with another")
     return np.stack(images), np.array(labels, dtype=np.int64), bad
 
 

@@ -56,7 +56,12 @@ class DeviceData:
         pin = device.type == "cuda" and data.images.device.type == "cpu"
         images = data.images.pin_memory() if pin else data.images
         self.images = images.to(device, non_blocking=pin)
-        self.labels = data.labels.to(device, non_blocking=pin)
+        self._feed(data.labels.to(device, non_blocking=pin), preprocess, device, augmenter, crop)
+
+    def _feed(self, labels: torch.Tensor, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None,
+              crop: int | None) -> None:
+        """What turns gathered images into model input: shared by the held and the streamed sets."""
+        self.labels = labels
         self.preprocess = preprocess.to(device)
         self.augmenter = augmenter
         self.device = device
@@ -91,12 +96,8 @@ class StreamData(DeviceData):
     def __init__(self, data: StoredSet, preprocess: Preprocess, device: torch.device, augmenter: Augmenter | None = None,
                  crop: int | None = None, prefetch: int = PREFETCH_BATCHES) -> None:
         self.stored = data
-        self.labels = data.labels.to(device)
-        self.preprocess = preprocess.to(device)
-        self.augmenter = augmenter
-        self.device = device
-        self.crop = crop
         self.prefetch = prefetch
+        self._feed(data.labels.to(device), preprocess, device, augmenter, crop)
 
     def _read(self, indices: torch.Tensor) -> torch.Tensor:
         images = self.stored.gather(indices.numpy())
