@@ -13,7 +13,7 @@ import torch
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.errors import VitDeployError
-from vitdeploy.manifest import find_artifact
+from vitdeploy.manifest import find_artifact, input_spec
 from vitdeploy.preprocess import Preprocess, Preprocessing
 
 
@@ -28,14 +28,27 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
     registry.check_cuda_graph(name, cuda_graph)
     if precision not in entry.precisions_here():
         raise VitDeployError(entry.why_not(precision))
-    artifact = None
-    if entry.kind != "checkpoint":
-        artifact = find_artifact(manifest, entry.kind, precision, entry.int8_target)
-        if artifact is None:
-            raise VitDeployError(f"{folder} has no {entry.kind} {precision} artifact (it has: {describe_artifacts(manifest)}); "
-                                 f"{missing_hint(entry.kind, precision)}")
+    artifact = served_artifact(manifest, name, precision)
+    if artifact is None and entry.kind != "checkpoint":
+        raise VitDeployError(f"{folder} has no {entry.kind} {precision} artifact (it has: {describe_artifacts(manifest)}); "
+                             f"{missing_hint(entry.kind, precision)}")
     return entry.open(OpenRequest(folder, manifest, precision, artifact, threads, compile, checkpoint, cuda_graph,
                                   graph_buckets, say))
+
+
+def served_artifact(manifest: dict[str, Any], name: str, precision: str) -> dict[str, Any] | None:
+    """The manifest's record of the file backend `name` runs at `precision`; None for the pytorch backend
+    (it runs the training checkpoint) or when the folder lacks it."""
+    entry = registry.get(name)
+    return None if entry.kind == "checkpoint" else find_artifact(manifest, entry.kind, precision, entry.int8_target)
+
+
+def served_input(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    """The input contract of backend `name` (what `model_input` hands it): the manifest's, except for the
+    pytorch backend, which takes raw uint8 images at the source size whatever the export's graphs take."""
+    if registry.get(name).kind == "checkpoint":
+        return input_spec(Preprocessing.from_dict(manifest["preprocessing"]), True)
+    return manifest["input"]
 
 
 def describe_artifacts(manifest: dict[str, Any]) -> str:

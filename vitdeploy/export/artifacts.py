@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 
-from vitdeploy import __version__, parity, tensorrt_runtime
+from vitdeploy import __version__, parity, tensorrt_runtime, triton_model
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
@@ -49,6 +49,7 @@ from vitdeploy.published import CHECKPOINT, load_published
 from vitdeploy.versions import cpu_flags, versions
 
 Say = Callable[[str], None]
+TRITON_QUEUE_DELAY_US = 1000  # the written configs' dynamic batching wait (Triton's own default is none)
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
         say(f"no TensorRT engine: {no_trt_reason}")
     manifest = _manifest(options, source, contract, ckpt_hash, weights, artifacts, no_trt_reason, resize_cost)
     if options.triton is not None:
-        manifest["triton"] = _write_triton(options.triton, folder, triton.model_stem(source.spec.name), manifest)
+        manifest["triton"] = _write_triton(options.triton, folder, source.spec.name, manifest)
         say(f"Triton model repository: {options.triton}")
     write_manifest(folder, manifest)
     return manifest
@@ -451,22 +452,14 @@ def _write_triton(repo: Path, out: Path, model_name: str, manifest: dict[str, An
     validate_manifest(manifest)
     repo.mkdir(parents=True, exist_ok=True)
     models = []
-    max_batch = manifest["batch"]["max"]
-    inputs = [manifest["input"]]
-    outputs = [manifest["output"]]
     for artifact in manifest["artifacts"]:
         files = [out / artifact["path"], *(out / e["path"] for e in artifact.get("external_data", []))]
-        if artifact["kind"] == "onnx":
-            suffix = {"fp32": "", "fp16": "_fp16"}.get(artifact["precision"])
-            if suffix is None:  # int8: one graph per target
-                suffix = f"_{artifact['precision']}_{artifact['int8']['target']}"
-            name = f"{model_name}_onnx{suffix}"
-            triton.write_model(repo, name, "onnxruntime_onnx", files, "model.onnx", max_batch, inputs, outputs,
-                               manifest["model"]["class_names"], {"precision": artifact["precision"]})
-        else:
-            name = f"{model_name}_trt" + ("" if artifact["precision"] != "int8" else "_int8")
-            triton.write_model(repo, name, "tensorrt_plan", files, "model.plan", max_batch, inputs, outputs,
-                               manifest["model"]["class_names"],
-                               {"precision": artifact["precision"], "tensorrt_version": artifact["tensorrt_version"]})
-        models.append({"name": name, "platform": "tensorrt_plan" if artifact["kind"] == "tensorrt" else "onnxruntime_onnx"})
+        platform = triton_model.PLATFORMS[artifact["kind"]]
+        config = triton_model.model_config(triton_model.model_name(model_name, artifact), platform, manifest["batch"]["max"],
+                                           [manifest["input"]], [manifest["output"]],
+                                           triton_model.parameters(artifact, artifact["precision"]),
+                                           max_queue_delay_us=TRITON_QUEUE_DELAY_US)
+        triton.write_model(repo, config, files, "model.plan" if artifact["kind"] == "tensorrt" else "model.onnx",
+                           manifest["model"]["class_names"])
+        models.append({"name": config["name"], "platform": platform})
     return {"repository": str(repo.resolve()), "models": models}

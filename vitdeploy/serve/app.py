@@ -29,10 +29,12 @@ from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.explain import class_index
 from vitdeploy.overlay import overlay_png
+from vitdeploy.serve import oip, v2
 from vitdeploy.serve.config import ServeConfig
-from vitdeploy.serve.service import ApiError, Service, log
+from vitdeploy.serve.service import ApiError, Service, log, parse_count
 
-OPEN_PATHS = ("/healthz", "/readyz", "/", "/favicon.ico", "/favicon.svg")  # no API key: liveness, readiness, the static page
+# no API key: liveness, readiness (both protocols), the static page
+OPEN_PATHS = ("/healthz", "/readyz", *v2.HEALTH_PATHS, "/", "/favicon.ico", "/favicon.svg")
 CLIENT_CLOSED = 499  # counted in metrics for requests whose client went away (never sent)
 
 
@@ -80,8 +82,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.middleware("http")(_guard_and_measure)
     if config.cors_origins:  # outermost: a browser's preflight is answered before the API-key check
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Content-Encoding", oip.HEADER_LENGTH],
+                           expose_headers=[oip.HEADER_LENGTH])
     app.include_router(router)
+    app.include_router(v2.router)
     return app
 
 
@@ -243,14 +247,6 @@ def _authorized(request: Request, key: str) -> bool:
     if auth[:7].lower() == b"bearer ":
         given = auth[7:].strip()
     return hmac.compare_digest(given, key.encode("utf-8"))
-
-
-def parse_count(raw: str, lo: int, hi: int) -> int | None:
-    """An integer in lo..hi written in ASCII digits only (no signs, spaces or other scripts' digits), else None."""
-    if not raw or len(raw) > 9 or not all("0" <= c <= "9" for c in raw):
-        return None
-    value = int(raw)
-    return value if lo <= value <= hi else None
 
 
 def _top_k(request: Request, num_classes: int) -> int:

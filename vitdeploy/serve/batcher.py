@@ -24,10 +24,21 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one backend call did, for metrics."""
+    """What one backend call did, for metrics: its images, the seconds to stack them into one
+    array and the seconds of the backend call."""
 
     size: int
     seconds: float
+    stack_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image's answer: its logits, how long it waited for its batch, and that batch's record."""
+
+    logits: np.ndarray
+    queued_seconds: float
+    batch: BatchStats
 
 
 class Batcher:
@@ -40,7 +51,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, float]] | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitdeploy-infer")
         self._closing = False
@@ -55,7 +66,7 @@ class Batcher:
         return self._queue.qsize() if self._queue is not None else 0
 
     def submit(self, images: list[np.ndarray]) -> list[asyncio.Future]:
-        """Queue the images of one request, all or none; their futures resolve to logits rows."""
+        """Queue the images of one request, all or none; their futures resolve to `Row`s."""
         if self._queue is None or self._closing:
             raise QueueFull("the server is shutting down")
         if self._queue.qsize() + len(images) > self.max_queue:
@@ -64,7 +75,7 @@ class Batcher:
         futures = []
         for image in images:
             future = loop.create_future()
-            self._queue.put_nowait((image, future))
+            self._queue.put_nowait((image, future, time.perf_counter()))
             futures.append(future)
         return futures
 
@@ -96,23 +107,30 @@ class Batcher:
             if stop:
                 return
 
-    async def _answer(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
-        live = [(image, future) for image, future in batch if not future.done()]
+    async def _answer(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[np.ndarray, asyncio.Future, float]]) -> None:
+        live = [item for item in batch if not item[1].done()]
         if not live:
             return
-        start = time.perf_counter()
+        started = time.perf_counter()
         try:
-            logits = await loop.run_in_executor(self._executor, self.infer, np.stack([image for image, _ in live]))
+            logits, stats = await loop.run_in_executor(self._executor, self._run_batch, [image for image, _, _ in live])
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the server goes on
-            for _, future in live:
+            for _, future, _ in live:
                 if not future.done():
                     future.set_exception(exc)
             return
         if self.on_batch is not None:
-            self.on_batch(BatchStats(len(live), time.perf_counter() - start))
-        for (_, future), row in zip(live, logits, strict=True):
+            self.on_batch(stats)
+        for (_, future, queued), row in zip(live, logits, strict=True):
             if not future.done():
-                future.set_result(row)
+                future.set_result(Row(row, started - queued, stats))
+
+    def _run_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, BatchStats]:
+        start = time.perf_counter()
+        batch = np.stack(images)
+        stacked = time.perf_counter()
+        logits = self.infer(batch)
+        return logits, BatchStats(len(images), time.perf_counter() - stacked, stacked - start)
 
     async def close(self) -> None:
         """Refuse new images, answer every queued one, stop the worker."""

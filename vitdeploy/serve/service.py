@@ -16,20 +16,22 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from vitdeploy import predictions
+from vitdeploy import predictions, triton_model
+from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend
-from vitdeploy.backends.factory import model_input, open_backend
+from vitdeploy.backends.factory import model_input, open_backend, served_artifact, served_input
 from vitdeploy.backends.graphs import power_of_two_buckets
 from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import Fit
 from vitdeploy.manifest import read_or_describe
 from vitdeploy.preprocess import Preprocessing
-from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull
+from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull, Row
 from vitdeploy.serve.config import ServeConfig
 from vitdeploy.serve.decoder import Decoder
 from vitdeploy.serve.explainer import ExplainBusy, Explainer
 from vitdeploy.serve.metrics import Metrics
+from vitdeploy.serve.stats import ModelStats
 
 log = logging.getLogger("vitdeploy.serve")
 RETRY_AFTER_S = "1"
@@ -47,6 +49,14 @@ class ApiError(Exception):
 
 def busy(message: str) -> ApiError:
     return ApiError(503, message, {"Retry-After": RETRY_AFTER_S})
+
+
+def parse_count(raw: str, lo: int, hi: int) -> int | None:
+    """An integer in lo..hi written in ASCII digits only (no signs, spaces or other scripts' digits), else None."""
+    if not raw or len(raw) > 9 or not all("0" <= c <= "9" for c in raw):
+        return None
+    value = int(raw)
+    return value if lo <= value <= hi else None
 
 
 def model_description(config: ServeConfig) -> dict[str, Any]:
@@ -87,6 +97,14 @@ class Service:
         self.classes: list[str] = manifest["model"]["class_names"]
         self.model_name: str = manifest["model"]["name"]
         self.metrics = Metrics()
+        self.stats = ModelStats()
+        self.input = served_input(manifest, config.backend)  # what the batcher's rows are
+        artifact = served_artifact(manifest, config.backend, config.precision)
+        self.triton_name = triton_model.model_name(self.model_name, artifact)
+        self.triton_config = triton_model.model_config(
+            self.triton_name, triton_model.PLATFORMS[registry.get(config.backend).kind], config.max_batch, [self.input],
+            [manifest["output"]], triton_model.parameters(artifact, config.precision),
+            max_queue_delay_us=round(config.max_wait_ms * 1000))
         self.decoder = Decoder(Fit.of(Preprocessing.from_dict(manifest["preprocessing"])))
         self.batcher: Batcher | None = None
         self.ready = False
@@ -122,13 +140,14 @@ class Service:
         if self.explainer is not None:
             self.explainer.close()
 
-    def _infer(self, images: np.ndarray) -> np.ndarray:
-        return self.backend.infer(model_input(self.manifest, images, self.config.backend))
+    def _infer(self, rows: np.ndarray) -> np.ndarray:
+        return self.backend.infer(rows)
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.observe(stats.size)
         self.metrics.inference.observe(stats.seconds)
         self.metrics.images.inc(stats.size)
+        self.stats.batch(stats)
 
     @asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
@@ -169,23 +188,41 @@ class Service:
         return await self.predict_decoded(await self.decode(items), top_k)
 
     async def predict_decoded(self, images: list[np.ndarray], top_k: int) -> list[dict[str, Any]]:
-        """Top-k of each image from the batcher; a request whose deadline passes takes its images out of the queue."""
+        """Top-k of each decoded image."""
+        return [predictions.top_k(row, self.classes, top_k) for row in await self.infer_images(images)]
+
+    async def infer_images(self, images: list[np.ndarray]) -> np.ndarray:
+        """Logits of uint8 images at the source size, preprocessed on a worker thread when the served
+        graph takes float32 input."""
+        if self.input["dtype"] != "uint8":
+            images = list(await asyncio.to_thread(model_input, self.manifest, np.stack(images), self.config.backend))
+        return await self.infer_rows(images)
+
+    async def infer_rows(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Logits (one row each) of inputs in the served input contract, from the batcher; a request whose
+        deadline passes takes its rows out of the queue."""
         batcher = self.batcher
         if batcher is None or not self.ready:
             raise busy("the model is not loaded yet")
         try:
-            futures = batcher.submit(images)
+            futures = batcher.submit(rows)
         except QueueFull as exc:
             raise busy(f"server busy: {exc}; retry later") from None
         finally:
             self.metrics.queue_depth.set(batcher.depth)
+        start = time.perf_counter()
         try:
-            rows = await asyncio.gather(*futures)
-        except asyncio.CancelledError:
+            answered: list[Row] = await asyncio.gather(*futures)
+        except BaseException:  # cancelled (deadline, client gone) or the backend failed
             for future in futures:
                 future.cancel()
+            self.stats.failed(time.perf_counter() - start)
             raise
-        return [predictions.top_k(row, self.classes, top_k) for row in rows]
+        gathered = time.perf_counter()
+        logits = np.stack([row.logits for row in answered])
+        done = time.perf_counter()
+        self.stats.answered(answered, done - start, done - gathered)
+        return logits
 
     def check_explainer(self) -> Explainer:
         """The explainer, or 503 before the body is read or decoded (off, or too many waiting)."""
@@ -227,6 +264,8 @@ class Service:
             "batch": manifest["batch"],
             "artifacts": [{k: a[k] for k in ("kind", "precision", "path", "sha256")} for a in manifest["artifacts"]],
             "backend": self.backend.describe(),
+            "open_inference_protocol": {"model": self.triton_name, "version": triton_model.VERSION,
+                                        "infer": f"/v2/models/{self.triton_name}/infer", "input": self.input},
             "serving": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue,
                         "max_body_bytes": config.max_body_bytes, "timeout_s": config.timeout_s,
                         "read_timeout_s": config.read_timeout_s, "write_timeout_s": config.write_timeout_s,
