@@ -128,7 +128,8 @@ class Service:
         self.batcher = Batcher(self._infer, config.max_batch, config.max_wait_ms, config.max_queue, self._on_batch)
         self.batcher.start()
         self.ready = True
-        log.info("ready: %s on %s %s", self.model_name, config.backend, config.precision)
+        log.info("ready: %s on %s %s; Open Inference Protocol: /v2/models/%s", self.model_name, config.backend,
+                 config.precision, self.triton_name)
 
     async def close(self) -> None:
         """Answer everything still queued, then release the backend, decoder and explainer."""
