@@ -708,7 +708,7 @@ def serve(
     explain_queue: Annotated[int, typer.Option(help="Most /v1/explain requests running or waiting (one runs at a time, on the server's own PyTorch copy of the model); beyond it 503. 0 turns explanations off.")] = 4,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /v1/explain, /healthz, /readyz, /v1/model, /metrics, and an upload page at /."""
+    """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /v1/explain, /healthz, /readyz, /v1/model, /metrics, an upload page at /, and the Open Inference Protocol (KServe v2, Triton's HTTP API) under /v2 for tritonclient and KServe clients."""
     from vitdeploy.serve.config import ServeConfig, body_bytes
 
     name = registry.parse_backends(backend, allow_all=False)[0]
