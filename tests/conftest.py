@@ -17,6 +17,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one compute thread per worker (and its subprocesses), so two
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers share the cores instead of oversubscribing them
+    torch.set_num_threads(1)
 SHARED_CIFAR = Path(os.environ.get("VITDEPLOY_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar-10-batches-py"
 
 

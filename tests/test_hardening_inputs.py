@@ -180,7 +180,7 @@ def test_sigterm_during_evaluation_stops_within_seconds_and_resumes_into_it(tmp_
     out = tmp_path / "run"
     command = [sys.executable, "-m", "vitdeploy", "train", "--model", "vit_b_32", "--no-pretrained", "--data-dir", str(data),
                "--out", str(out), "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--max-steps", "1",
-               "--val-size", "160", "--eval-batch-size", "4", "--test-size", "16"]
+               "--val-size", "96", "--eval-batch-size", "4", "--test-size", "16"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -190,7 +190,7 @@ def test_sigterm_during_evaluation_stops_within_seconds_and_resumes_into_it(tmp_
             if metrics.is_file() and '"type": "step"' in metrics.read_text():
                 break
             time.sleep(0.1)
-        time.sleep(1.0)  # well inside the validation pass (160 images at 224 px: tens of seconds here)
+        time.sleep(1.0)  # well inside the validation pass (96 images at 224 px: over ten seconds here)
         proc.send_signal(signal.SIGTERM)
         signalled = time.perf_counter()
         output, _ = proc.communicate(timeout=120)
@@ -204,7 +204,7 @@ def test_sigterm_during_evaluation_stops_within_seconds_and_resumes_into_it(tmp_
     resumed = run_cli("train", "--resume", str(out), timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["val_images"] == 160  # the abandoned validation, redone
+    assert summary["val_images"] == 96  # the abandoned validation, redone
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
     assert len(epochs) == 1
 
