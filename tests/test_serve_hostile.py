@@ -101,7 +101,7 @@ def test_clients_that_never_read_are_dropped_at_the_write_deadline(exported: Pat
     server = Server(exported, "--max-batch", "8", "--max-connections", "16", "--write-timeout-s", "3")
     sockets, stop = [], threading.Event()
 
-    def pipeline(sock: socket.socket) -> None:
+    def pipeline(sock: socket.socket, stalled: threading.Event) -> None:
         request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
         sock.settimeout(1)
         for _ in range(3000):
@@ -110,21 +110,27 @@ def test_clients_that_never_read_are_dropped_at_the_write_deadline(exported: Pat
             try:
                 sock.sendall(request)
             except (TimeoutError, OSError):  # the server stopped reading (it is paused), or dropped us
+                stalled.set()
                 if stop.is_set():
                     return
+        stalled.set()
     try:
         for _ in range(HOSTILE):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", server.port))
             sockets.append(sock)
-        senders = [threading.Thread(target=pipeline, args=(s,), daemon=True) for s in sockets]
+        blocked = [threading.Event() for _ in sockets]
+        senders = [threading.Thread(target=pipeline, args=(s, b), daemon=True) for s, b in zip(sockets, blocked, strict=True)]
         for t in senders:
             t.start()
         time.sleep(1)
         assert first_200(server.url, small_png, 20) < 3 + 4
+        # every connection has as many answers waiting as the server buffers (it stopped reading), however slow
+        # this machine is, before the clients stop sending
+        assert all(b.wait(60) for b in blocked)
         stop.set()
-        time.sleep(3 + 2)  # still not reading past the 3 s write deadline: reading now would let the writes through
+        time.sleep(3 + 9)  # not reading well past the 3 s write deadline (a busy machine fills the buffers slowly): reading now would let the writes through
         for sock in sockets:  # dropped: reads end (after what the kernel buffered) with EOF or a reset
             assert closed_within(sock, 10) is not None
         assert server.stop() == 0
