@@ -365,10 +365,15 @@ def export(
     weights: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its weights (safetensors or a torch state dict of the model's own layout, head included).", show_default="timm: the Hugging Face cache; hf: the folder")] = None,
     class_names: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its class names, one per line.", show_default="the model's own (id2label, label_names, ImageNet-1k)")] = None,
     resize: Annotated[Optional[Resize], typer.Option(help="The graph's resize mode instead of the model's (bicubic cannot become a TensorRT engine); the parity checks measure the difference.")] = None,
+    tome: Annotated[Optional[str], typer.Option(metavar="R|R1,R2,...|auto", help="Also write graphs that merge tokens (ToMe) beside the unmerged ones: R tokens per block, a schedule with one value per block, or auto (the largest of a short list of r that passes the accuracy gate).")] = None,
+    tome_max_accuracy_drop: Annotated[float, typer.Option(help="Largest accuracy loss of a merged graph against the unmerged PyTorch fp32 model, percentage points (fp16 and INT8 graphs may lose their own allowance on top).")] = 1.0,
 ) -> None:
     """Export a trained model, or one as published: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
+    from vitdeploy import tome as tomes
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
     from vitdeploy.export.int8 import Int8Options
+
+    merging = tomes.parse(tome)  # before anything else: a bad value is one line
 
     if out is None and not source.exists():
         raise VitDeployError(f"{source} is not a run folder or checkpoint here; to deploy it as a published model, "
@@ -384,6 +389,7 @@ def export(
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
         version_compatible=version_compatible, weights=weights, class_names=class_names, resize=resize.value if resize else None,
+        tome=merging, tome_max_accuracy_drop=tome_max_accuracy_drop,
     )
     with _sigterm_unwinds():  # a stopped export removes its staging folder and scratch files
         export_artifacts(options, say=lambda line: console.print(escape(line)))
@@ -403,6 +409,13 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _served_tome(asked: Any) -> Any:
+    """A --tome for bench, serve and predict: a number or schedule (auto is export's)."""
+    if asked == "auto":
+        raise VitDeployError("--tome auto chooses r at export; here name the r the graphs were exported with (see manifest.json)")
+    return asked
 
 
 def _profile(text: str) -> tuple[int, int, int]:
@@ -498,9 +511,12 @@ def predict(
     precision: Annotated[InferencePrecision, typer.Option(help="Which artifact: fp32, fp16 or int8 (auto: fp32).")] = InferencePrecision.auto,
     top_k: Annotated[Optional[int], typer.Option(help="How many classes to show per image.", show_default="5, or every class of a smaller model")] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
+    tome: Annotated[Optional[str], typer.Option(metavar="R|R1,R2,...", help="Token merging (ToMe): R tokens merged per block, or R1,R2,... one per block; 0: none. The graph exported with it (pytorch merges itself).")] = None,
 ) -> None:
     """Top-k classes for image files through any backend, fed exactly as the manifest says."""
     import numpy as np
+
+    from vitdeploy import tome as tomes
 
     from vitdeploy.backends.base import run_batches
     from vitdeploy.backends.factory import model_input, open_backend
@@ -511,6 +527,7 @@ def predict(
     from vitdeploy.preprocess import Preprocessing
 
     name = registry.parse_backends(backend, allow_all=False)[0]
+    merging = _served_tome(tomes.parse(tome))
     manifest = read_manifest(artifacts)
     classes = manifest["model"]["class_names"]
     top_k = default_top_k(len(classes)) if top_k is None else top_k
@@ -519,12 +536,12 @@ def predict(
     fit = Fit.of(Preprocessing.from_dict(manifest["preprocessing"]))
     batch = np.stack([load_image_file(path, fit) for path in images])
     chosen = "fp32" if precision is InferencePrecision.auto else precision.value
-    with open_backend(artifacts, manifest, name, chosen) as runner:
+    with open_backend(artifacts, manifest, name, chosen, tome=merging) as runner:
         start = time.perf_counter()
         logits = run_batches(runner, model_input(manifest, batch, name), manifest["batch"]["max"])
         seconds = time.perf_counter() - start
         model_file = runner.describe()["model"]
-    ran = {"backend": name, "precision": chosen, "model_file": model_file,
+    ran = {"backend": name, "precision": chosen, "tome": tomes.label_of(merging), "model_file": model_file,
            "inference_ms_all_images": round(1000 * seconds, 3)}
     results = [{"image": str(path), **ran, "predictions": top_k_predictions(row, classes, top_k)}
                for path, row in zip(images, logits, strict=True)]

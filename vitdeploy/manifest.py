@@ -216,6 +216,8 @@ def _artifact(artifact: Any, where: str) -> None:
     _choice(artifact, "status", ("passed", "failed"), where)
     if artifact["precision"] == "int8":
         _choice(_field(artifact, "int8", dict, where), "target", ("cpu", "tensorrt"), f"{where}.int8")
+    if "tome" in artifact:
+        _tome(artifact["tome"], f"{where}.tome")
     if artifact["kind"] == "tensorrt":
         _field(artifact, "tensorrt_version", str, where)
         _field(artifact, "compute_capability", str, where)
@@ -227,6 +229,23 @@ def _artifact(artifact: Any, where: str) -> None:
             p_lo = _int(profile, "min", 1, MAX_BATCH, f"{where}.profiles[{j}]")
             p_hi = _int(profile, "max", p_lo, MAX_BATCH, f"{where}.profiles[{j}]")
             _int(profile, "opt", p_lo, p_hi, f"{where}.profiles[{j}]")
+
+
+def _tome(record: Any, where: str) -> None:
+    """A merged graph's token-merging record: its label and a schedule of at most 1000 blocks
+    (`tome.from_record` checks it against the model where the schedule is used)."""
+    label = _field(record, "label", str, where)
+    if not re.fullmatch(r"[0-9]+(-[0-9]+)*", label) or len(label) > 8000:
+        raise VitDeployError(f"{where}.label must be R or R1-R2-...")
+    schedule = _field(record, "schedule", list, where)
+    if not 1 <= len(schedule) <= 1000 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20
+                                                 for v in schedule):
+        raise VitDeployError(f"{where}.schedule must list 1 to 1000 token counts")
+
+
+def tome_label(artifact: dict[str, Any]) -> str | None:
+    """The token merging an artifact was exported with (its label, e.g. "13"), None for an unmerged graph."""
+    return artifact["tome"]["label"] if "tome" in artifact else None
 
 
 INPUT, OUTPUT = "input", "logits"  # the graph's tensor names, in every backend and file
@@ -307,11 +326,13 @@ class Manifest:
 
 
 def find_artifact(manifest: dict[str, Any], kind: str, precision: str | None = None,
-                  int8_target: str | None = None) -> dict[str, Any] | None:
+                  int8_target: str | None = None, tome: str | None = None) -> dict[str, Any] | None:
     """The first artifact of `kind` ('onnx', 'tensorrt'), of `precision` when given; for INT8, the
-    graph of `int8_target` ('cpu' or 'tensorrt': which graph a backend runs, see `backends.registry`)."""
+    graph of `int8_target` ('cpu' or 'tensorrt': which graph a backend runs, see `backends.registry`);
+    merging tokens by `tome` (a label, e.g. "13"), or unmerged when None."""
     for artifact in manifest["artifacts"]:
-        if artifact["kind"] == kind and (precision is None or artifact["precision"] == precision):
+        if artifact["kind"] == kind and (precision is None or artifact["precision"] == precision) \
+                and tome_label(artifact) == tome:
             if int8_target is None or artifact["precision"] != "int8" or artifact["int8"]["target"] == int8_target:
                 return artifact
     return None

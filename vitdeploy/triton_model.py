@@ -25,10 +25,14 @@ def model_stem(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", tail).strip("._-")[:100] or "model"
 
 
-def model_name(model: str, artifact: dict[str, Any] | None) -> str:
+def model_name(model: str, artifact: dict[str, Any] | None, tome: str | None = None) -> str:
     """The Triton name of one artifact of `model`: `<stem>_onnx`, `_onnx_fp16`, `_onnx_int8_<target>`, `_trt`,
-    `_trt_int8`; the stem alone for the training checkpoint (`artifact` None), which Triton does not serve."""
+    `_trt_int8`; the stem alone for the training checkpoint (`artifact` None), which Triton does not serve.
+    A graph that merges tokens has `_tome<label>` after the stem (`tome`: the checkpoint's merging)."""
     stem = model_stem(model)
+    label = artifact["tome"]["label"] if artifact is not None and "tome" in artifact else tome
+    if label is not None:
+        stem = f"{stem}_tome{label}"
     if artifact is None:
         return stem
     precision = artifact["precision"]

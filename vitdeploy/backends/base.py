@@ -26,7 +26,8 @@ class OpenRequest:
     `threads` sets the CPU threads of the CPU runtimes; `checkpoint` overrides where the
     pytorch backend finds the training checkpoint; `cuda_graph` replays CUDA graphs per
     batch-size bucket (`graph_buckets`, or each batch size when None), saying through `say`
-    where a graph cannot be used.
+    where a graph cannot be used. `tome` picks the graph exported with that token merging (the
+    pytorch backend merges tokens itself).
     """
 
     folder: Path
@@ -39,6 +40,7 @@ class OpenRequest:
     cuda_graph: bool = False
     graph_buckets: tuple[int, ...] | None = None
     say: Callable[[str], None] = print
+    tome: int | tuple[int, ...] | None = None  # token merging (`tome.parse`): the merged graph, or merging in PyTorch
 
     def graphs(self) -> dict[str, Any]:
         """The CUDA-graph keyword arguments every graph-capable backend takes."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitdeploy import tome as tomes
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.errors import VitDeployError
@@ -19,7 +20,8 @@ from vitdeploy.preprocess import Preprocess, Preprocessing
 
 def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: str = "fp32", threads: int | None = None,
                  compile: bool = False, checkpoint: Path | None = None, cuda_graph: bool = False,
-                 graph_buckets: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> Backend:
+                 graph_buckets: tuple[int, ...] | None = None, say: Callable[[str], None] = print,
+                 tome: int | tuple[int, ...] | None = None) -> Backend:
     """The backend `name` for the artifact of `precision` in `folder` (not yet activated); the
     options are those of `OpenRequest`. A precision the backend does not run, or an artifact the
     folder lacks, is refused here with what to do instead."""
@@ -28,19 +30,22 @@ def open_backend(folder: Path, manifest: dict[str, Any], name: str, precision: s
     registry.check_cuda_graph(name, cuda_graph)
     if precision not in entry.precisions_here():
         raise VitDeployError(entry.why_not(precision))
-    artifact = served_artifact(manifest, name, precision)
+    artifact = served_artifact(manifest, name, precision, tome)
     if artifact is None and entry.kind != "checkpoint":
-        raise VitDeployError(f"{folder} has no {entry.kind} {precision} artifact (it has: {describe_artifacts(manifest)}); "
-                             f"{missing_hint(entry.kind, precision)}")
+        merged = f" merging tokens with r={tomes.label_of(tome)}" if tome is not None else ""
+        raise VitDeployError(f"{folder} has no {entry.kind} {precision} artifact{merged} (it has: "
+                             f"{describe_artifacts(manifest)}); {missing_hint(entry.kind, precision, tome)}")
     return entry.open(OpenRequest(folder, manifest, precision, artifact, threads, compile, checkpoint, cuda_graph,
-                                  graph_buckets, say))
+                                  graph_buckets, say, tome))
 
 
-def served_artifact(manifest: dict[str, Any], name: str, precision: str) -> dict[str, Any] | None:
-    """The manifest's record of the file backend `name` runs at `precision`; None for the pytorch backend
-    (it runs the training checkpoint) or when the folder lacks it."""
+def served_artifact(manifest: dict[str, Any], name: str, precision: str,
+                    tome: int | tuple[int, ...] | None = None) -> dict[str, Any] | None:
+    """The manifest's record of the file backend `name` runs at `precision` (merging tokens by `tome`);
+    None for the pytorch backend (it runs the training checkpoint) or when the folder lacks it."""
     entry = registry.get(name)
-    return None if entry.kind == "checkpoint" else find_artifact(manifest, entry.kind, precision, entry.int8_target)
+    return None if entry.kind == "checkpoint" else find_artifact(manifest, entry.kind, precision, entry.int8_target,
+                                                                 tomes.label_of(tome))
 
 
 def served_input(manifest: dict[str, Any], name: str) -> dict[str, Any]:
@@ -54,11 +59,14 @@ def served_input(manifest: dict[str, Any], name: str) -> dict[str, Any]:
 def describe_artifacts(manifest: dict[str, Any]) -> str:
     """The manifest's artifacts in one line, each named so that two INT8 graphs are told apart."""
     return ", ".join(f"{a['kind']} {a['precision']}" + (f" ({a['int8']['target']} graph)" if "int8" in a else "")
-                     + f" = {a['path']}" for a in manifest["artifacts"])
+                     + (f" r={a['tome']['label']}" if "tome" in a else "") + f" = {a['path']}" for a in manifest["artifacts"])
 
 
-def missing_hint(kind: str, precision: str) -> str:
+def missing_hint(kind: str, precision: str, tome: int | tuple[int, ...] | None = None) -> str:
     """What to do when the artifact a backend needs is not in the folder (open_backend, bench)."""
+    if tome is not None and kind != "tensorrt":
+        flag = {"fp16": " --fp16", "int8": " --int8"}.get(precision, "")
+        return f"re-export with --tome {','.join(tomes.label_of(tome).split('-'))}{flag}, or use --backend pytorch, which merges tokens itself"
     if kind == "tensorrt":
         from vitdeploy.tensorrt_runtime import import_tensorrt
 

@@ -17,7 +17,7 @@ from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.backends.graphs import GraphSet, load_padded
 from vitdeploy.errors import VitDeployError
-from vitdeploy.manifest import artifact_path, find_artifact
+from vitdeploy.manifest import artifact_path, find_artifact, tome_label
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 TRT_CACHE = ".ort-trt-cache"  # engine and timing caches, inside the artifact folder
@@ -90,7 +90,7 @@ def open_for(entry: Any, request: OpenRequest) -> OrtBackend:
         if required and not (cpu_flags() & set(required)):
             request.say(f"warning: the INT8 graph was chosen for a CPU with {', '.join(required)}, which this CPU lacks: "
                         "it runs, but may be slower than fp32 here (re-export with --int8 on this kind of CPU)")
-    engine = find_artifact(manifest, "tensorrt", precision, entry.int8_target)
+    engine = find_artifact(manifest, "tensorrt", precision, entry.int8_target, tome_label(artifact))
     profiles = engine["profiles"] if engine is not None else [
         {"min": lo, "opt": opt, "max": hi} for lo, opt, hi in default_profiles(manifest["batch"]["min"], manifest["batch"]["max"])]
     return OrtBackend(artifact_path(request.folder, artifact), entry.name.removeprefix("ort-"), threads=request.threads,

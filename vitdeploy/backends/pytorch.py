@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitdeploy import tome
 from vitdeploy.backends.base import Backend, OpenRequest
 from vitdeploy.backends.graphs import GraphSet, TorchCudaGraph, load_padded
 from vitdeploy.errors import VitDeployError
@@ -26,7 +27,8 @@ def open_for(_entry: Any, request: OpenRequest) -> TorchBackend:
     from vitdeploy.models import load_model
 
     path = recorded_checkpoint(request.manifest, request.checkpoint, "the pytorch backend needs the training weights")
-    model = load_model(path).module
+    loaded = load_model(path)
+    model = tome.apply(loaded.module, tome.plan(loaded.spec, request.tome)) if request.tome is not None else loaded.module
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return TorchBackend(model, Preprocessing.from_dict(request.manifest["preprocessing"]), device, request.precision,
                         request.compile, threads=request.threads if device == "cpu" else None, **request.graphs())
@@ -124,9 +126,18 @@ class TorchBackend(Backend):
         if self.cuda_graph:
             graph = "torch.compile mode=reduce-overhead" if self.compile else self.graphs.describe()
         return {"name": self.name, "device": str(self.device), "precision": self.precision, "torch": torch.__version__,
-                "model": "the training checkpoint (PyTorch)",
+                "model": "the training checkpoint (PyTorch)", "tome": _tome_label(self.model),
                 "compiled": self.compile, "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
                 "cuda_graph": graph}
+
+
+def _tome_label(model: nn.Module) -> str | None:
+    """The token merging the model runs with (its label), None when unmerged or not a ViT tome knows."""
+    try:
+        merging = tome.merging_of(model)
+    except VitDeployError:
+        return None
+    return merging.label if merging else None
 
 
 class _TorchStatic:

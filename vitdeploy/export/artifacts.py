@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 
-from vitdeploy import __version__, parity, tensorrt_runtime, triton_model
+from vitdeploy import __version__, parity, tensorrt_runtime, tome, triton_model
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import run_batches
 from vitdeploy.backends.ort import OrtBackend
@@ -77,6 +77,8 @@ class ExportOptions:
     weights: Path | None = None  # a model name as SOURCE: its weights file (else its cached or folder weights)
     class_names: Path | None = None  # a model name as SOURCE: its class names, one per line
     resize: str | None = None  # the graph's resize mode, where the model's cannot become an engine (bicubic)
+    tome: int | tuple[int, ...] | str | None = None  # token merging (tome.parse): also write merged graphs
+    tome_max_accuracy_drop: float = 1.0
 
     @property
     def published(self) -> bool:
@@ -88,11 +90,15 @@ class ExportOptions:
         """The batch size the artifacts are tuned for (the manifest's batch.opt): 32 within the range."""
         return max(self.min_batch, min(32, self.max_batch))
 
-    def tolerance(self, precision: str) -> parity.Tolerance:
-        """The parity check of `precision`, with --int8-max-accuracy-drop for INT8."""
+    def tolerance(self, precision: str, merging: tome.Merging | None = None) -> parity.Tolerance:
+        """The parity check of `precision`, with --int8-max-accuracy-drop for INT8. A merged graph is
+        judged by accuracy alone: it may lose --tome-max-accuracy-drop points, plus what its precision may."""
+        base = parity.TOLERANCES[precision]
         if precision == "int8":
-            return replace(parity.TOLERANCES["int8"], max_accuracy_drop=self.int8_max_accuracy_drop)
-        return parity.TOLERANCES[precision]
+            base = replace(base, max_accuracy_drop=self.int8_max_accuracy_drop)
+        if merging is None:
+            return base
+        return parity.Tolerance(None, None, self.tome_max_accuracy_drop + base.max_accuracy_drop)
 
     @property
     def profiles(self) -> tuple[tensorrt.Profile, ...]:
@@ -110,6 +116,8 @@ class ExportOptions:
                 raise VitDeployError("--int8-max-accuracy-drop is in percentage points, 0..100")
         if self.fp16_policy not in FP16_POLICIES:
             raise VitDeployError(f"unknown --fp16-policy {self.fp16_policy!r}; choose {' or '.join(FP16_POLICIES)}")
+        if not 0 <= self.tome_max_accuracy_drop <= 100:
+            raise VitDeployError("--tome-max-accuracy-drop is in percentage points, 0..100")
         if self.parity_images < 1:
             raise VitDeployError("--parity-images must be at least 1")
         if self.resize is not None and self.resize not in RESIZE_MODES:
@@ -183,6 +191,26 @@ def _load(options: ExportOptions) -> LoadedModel:
     return load_published(str(options.source), options.weights, options.class_names, options.out / CHECKPOINT)
 
 
+MERGED_FP32_AGREEMENT = 0.99  # a merged fp32 graph's top-1 against PyTorch merging the same way (near-ties may flip)
+MERGED_KEYS = ("top1_agreement", "disagreements", "max_abs_logit_diff", "mean_abs_logit_diff", "accuracy_pct", "passed",
+               "failures")
+
+
+def stem(merging: tome.Merging | None) -> str:
+    """The file names' stem: `model`, or `model_tome{label}` for merged graphs."""
+    return "model" if merging is None else f"model_tome{merging.label}"
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """One merging the export writes: its PyTorch logits on the parity images (the merged reference)
+    and what each of its files records under `tome`."""
+
+    merging: tome.Merging
+    logits: np.ndarray
+    record: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class _Verifier:
     """Checks each file the export writes against the PyTorch reference (ONNX checker, parity on
@@ -197,24 +225,38 @@ class _Verifier:
     say: Say
     cuda: bool  # ONNX Runtime's CUDA provider runs here: probed once, not per file
 
-    def parity(self, backend: Any, name: str, what: str, precision: str) -> dict[str, Any]:
+    def parity(self, backend: Any, name: str, what: str, precision: str, merged: _Merged | None = None) -> dict[str, Any]:
+        """Parity against the unmerged PyTorch fp32 reference; a merged file also against PyTorch with the
+        same merging (recorded under `merged`: what the export itself changed)."""
         with backend:
             logits = run_batches(backend, self.feed, self.options.max_batch, self.say, f"{name} parity:")
-        metrics = parity.compare(self.ref_logits, logits, self.labels, self.options.tolerance(precision))
-        self.say(f"{name} ({what} vs PyTorch fp32): {parity.describe(metrics)}")
+        metrics = parity.compare(self.ref_logits, logits, self.labels,
+                                 self.options.tolerance(precision, merged.merging if merged else None))
+        self.say(f"{name} ({what} vs PyTorch fp32{' unmerged' if merged else ''}): {parity.describe(metrics)}")
+        if merged is not None:
+            same = parity.compare(merged.logits, logits, self.labels, parity.Tolerance(None, None, 100.0))
+            same["passed"] = precision != "fp32" or same["top1_agreement"] >= MERGED_FP32_AGREEMENT
+            if not same["passed"]:
+                same["failures"] = [f"top-1 agreement {100 * same['top1_agreement']:.2f}% with PyTorch merging the same "
+                                    f"way is below {100 * MERGED_FP32_AGREEMENT:g}%"]
+            self.say(f"{name} vs PyTorch fp32 with the same merging: top-1 agreement {100 * same['top1_agreement']:.2f}%, "
+                     f"max |dlogit| {same['max_abs_logit_diff']:.2e}" + ("" if same["passed"] else " -> FAIL"))
+            metrics = {**metrics, "merged": {k: same[k] for k in MERGED_KEYS}, "passed": metrics["passed"] and same["passed"],
+                       "failures": metrics["failures"] + same["failures"]}
         return metrics
 
-    def onnx(self, name: str, precision: str, external: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def onnx(self, name: str, precision: str, external: list[str], extra: dict[str, Any] | None = None,
+             merged: _Merged | None = None) -> dict[str, Any]:
         path = self.staging / name
         onnx_export.check_onnx(path)
         inputs, outputs = onnx_export.io_records(path)
-        metrics = self.parity(OrtBackend(path, "cpu", precision=precision), name, "ONNX Runtime CPU", precision)
+        metrics = self.parity(OrtBackend(path, "cpu", precision=precision), name, "ONNX Runtime CPU", precision, merged)
         record = {"kind": "onnx", "precision": precision, **file_record(self.staging, name),
                   "external_data": [file_record(self.staging, e) for e in external],
                   "opset": onnx_export.OPSET, "inputs": inputs, "outputs": outputs,
-                  "parity": {"backend": "ort-cpu", **metrics}, **(extra or {})}
+                  "parity": {"backend": "ort-cpu", **metrics}, **(extra or {}), **(merged.record if merged else {})}
         if self.cuda and precision != "int8":  # the real fp16 check
-            cuda = self.parity(OrtBackend(path, "cuda", precision=precision), name, "ONNX Runtime CUDA", precision)
+            cuda = self.parity(OrtBackend(path, "cuda", precision=precision), name, "ONNX Runtime CUDA", precision, merged)
             record["parity_cuda"] = {"backend": "ort-cuda", **cuda}
         for_cpu_only = record.get("int8", {}).get("target") == "cpu"
         record["tensorrt_preflight"] = None if for_cpu_only else self._preflight(path, name)
@@ -229,18 +271,21 @@ class _Verifier:
                  + ("ok" if check["ok"] else "PROBLEMS: " + "; ".join(check["problems"])))
         return check
 
-    def engine(self, trt: Any, source: str, precision: str, contract: dict[str, Any]) -> dict[str, Any]:
+    def engine(self, trt: Any, source: str, precision: str, contract: dict[str, Any],
+               merged: _Merged | None = None) -> dict[str, Any]:
         """Build the TensorRT engine of `source`, check its I/O and parity; its build facts go beside it."""
         from vitdeploy.backends.trt import TrtBackend
 
-        name, options = f"model_{precision}.plan", self.options
-        record = _build_engine(trt, self.staging, source, name, options, (options.opt, *contract["shape"][1:]), self.say)
+        name, options = f"{stem(merged.merging if merged else None)}_{precision}.plan", self.options
+        record = _build_engine(trt, self.staging, source, name, precision, options, (options.opt, *contract["shape"][1:]),
+                               self.say)
         expected = {contract["name"], onnx_export.OUTPUT}
         if {t["name"] for t in record["io"]} != expected:
             raise VitDeployError(f"the engine's I/O tensors {record['io']} are not {sorted(expected)}")
         if precision == "int8":
             record["int8"] = {"target": "tensorrt", "source_onnx": source}
-        metrics = self.parity(TrtBackend(self.staging / name, record), name, "TensorRT", precision)
+        record.update(merged.record if merged else {})
+        metrics = self.parity(TrtBackend(self.staging / name, record), name, "TensorRT", precision, merged)
         record.update(file_record(self.staging, name), status="passed" if metrics["passed"] else "failed",
                       parity={"backend": "trt", **metrics})
         with open(self.staging / f"{name}.json", "w") as f:  # the build facts next to the engine itself
@@ -256,12 +301,13 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     if options.triton is not None:
         check_output_dir(options.triton, "--triton")
     loaded = _load(options)
+    mergings = _tome_plan(options, loaded.spec)  # before any long work: a --tome the model cannot hold fails here
     trt, no_trt_reason = _tensorrt_plan(options)  # before any long work: an explicit --trt fails here
     source = _Source.load(options, loaded)
     calibration = _calibration_images(options, source) if options.int8 else None
     staging_dir = staging.prepare_out(options.out, options.force)
     try:
-        manifest = _export_into(staging_dir, options, source, calibration, trt, no_trt_reason, say)
+        manifest = _export_into(staging_dir, options, source, calibration, trt, no_trt_reason, mergings, say)
         staging.publish(staging_dir, options.out, manifest)
     except BaseException:  # an error, a full disk, SIGTERM (the CLI turns it into SystemExit): no debris beside --out
         shutil.rmtree(staging_dir, ignore_errors=True)
@@ -272,8 +318,44 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     return manifest
 
 
+def _tome_plan(options: ExportOptions, spec: Any) -> list[tome.Merging]:
+    """The mergings --tome asks for: none, the one given, or --tome auto's candidates (largest first)."""
+    if options.tome is None:
+        return []
+    if options.tome == tome.AUTO:
+        tome.check_model(spec)
+        return [tome.plan(spec, r) for r in tome.auto_candidates(spec)]
+    merging = tome.plan(spec, options.tome)
+    return [] if merging is None else [merging]
+
+
+def _merged_reference(options: ExportOptions, source: _Source, mergings: list[tome.Merging], ref_logits: np.ndarray,
+                      say: Say) -> tuple[_Merged, list[dict[str, Any]] | None]:
+    """PyTorch with merging on the parity images; with --tome auto, the candidates are tried largest
+    first and the first within the accuracy gate is taken (the smallest when none is: exported and failed)."""
+    trials, chosen = [], None
+    for merging in mergings:
+        with tome.merged(source.model, merging), TorchBackend(source.model, source.graph_preprocessing) as backend:
+            logits = run_batches(backend, source.images, options.max_batch, say, f"PyTorch with {tome.describe(merging)}:")
+        gate = parity.compare(ref_logits, logits, source.parity.labels, options.tolerance("fp32", merging))
+        trials.append({"r": merging.label, "passed": gate["passed"], "accuracy_pct": gate["accuracy_pct"],
+                       "top1_agreement": gate["top1_agreement"]})
+        if len(mergings) > 1:
+            say(f"--tome auto, r={merging.label} in PyTorch: {parity.describe(gate)}")
+        chosen = _Merged(merging, logits, {})
+        if gate["passed"]:
+            break
+    merging = chosen.merging
+    record = {"tome": {**merging.to_record(), "gflops_per_image": round(tome.gflops(source.spec, len(source.class_names), merging), 4),
+                       "unmerged_gflops_per_image": round(tome.gflops(source.spec, len(source.class_names), None), 4),
+                       "max_accuracy_drop": options.tome_max_accuracy_drop}}
+    say(f"{tome.describe(merging)}; {record['tome']['gflops_per_image']:.3g} GFLOPs per image "
+        f"(unmerged {record['tome']['unmerged_gflops_per_image']:.3g})")
+    return replace(chosen, record=record), trials if len(mergings) > 1 else None
+
+
 def _export_into(folder: Path, options: ExportOptions, source: _Source, calibration: np.ndarray | None, trt: Any,
-                 no_trt_reason: str | None, say: Say) -> dict[str, Any]:
+                 no_trt_reason: str | None, mergings: list[tome.Merging], say: Say) -> dict[str, Any]:
     """Every file of the export, verified, and manifest.json last, in `folder`; returns the manifest."""
     if options.published:  # its checkpoint goes with the graphs: the PyTorch reference of bench, serve and explain
         atomic_save(source.checkpoint, folder / CHECKPOINT)
@@ -293,16 +375,24 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
     resize_cost = _resize_cost(source, ref_logits, options.max_batch, say) if graph != source.preprocessing else None
     verify = _Verifier(folder, options, feed, ref_logits, source.parity.labels, say, registry.get("ort-cuda").probe()[0])
     ckpt_hash = sha256_file(source.path)
-    artifacts, external = _onnx_graphs(folder, options, source, contract, ckpt_hash, verify, say)
-    if options.int8:
-        artifacts += _export_int8(folder, options, calibration, verify, say, external, graph.input_size)
-    if trt is not None:
-        engines = [("model_fp16.onnx", "fp16") if options.fp16 else ("model.onnx", "fp32")]
-        engines += [("model_int8_trt.onnx", "int8")] if options.int8 else []
-        artifacts += [verify.engine(trt, onnx_file, precision, contract) for onnx_file, precision in engines]
-    else:
+    merged, trials = _merged_reference(options, source, mergings, ref_logits, say) if mergings else (None, None)
+    artifacts = []
+    for each in (None, merged) if merged else (None,):
+        graphs, external = _onnx_graphs(folder, options, source, contract, ckpt_hash, verify, say, each)
+        if options.int8:
+            graphs += _export_int8(folder, options, calibration, verify, say, external, graph.input_size, each)
+        if trt is not None:
+            name = stem(each.merging if each else None)
+            engines = [(f"{name}_fp16.onnx", "fp16") if options.fp16 else (f"{name}.onnx", "fp32")]
+            engines += [(f"{name}_int8_trt.onnx", "int8")] if options.int8 else []
+            graphs += [verify.engine(trt, onnx_file, precision, contract, each) for onnx_file, precision in engines]
+        artifacts += graphs
+    if trt is None:
         say(f"no TensorRT engine: {no_trt_reason}")
     manifest = _manifest(options, source, contract, ckpt_hash, weights, artifacts, no_trt_reason, resize_cost)
+    if trials is not None:
+        manifest["tome_auto"] = {"tried": trials, "chosen": merged.merging.label,
+                                 "max_accuracy_drop": options.tome_max_accuracy_drop}
     if options.triton is not None:
         manifest["triton"] = _write_triton(options.triton, folder, source.spec.name, manifest)
         say(f"Triton model repository: {options.triton}")
@@ -311,8 +401,11 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
 
 
 def _onnx_graphs(folder: Path, options: ExportOptions, source: _Source, contract: dict[str, Any], ckpt_hash: str,
-                 verify: _Verifier, say: Say) -> tuple[list[dict[str, Any]], bool]:
-    """The fp32 ONNX graph and, with --fp16, the fp16 one, verified; and whether the weights are external."""
+                 verify: _Verifier, say: Say, merged: _Merged | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """The fp32 ONNX graph and, with --fp16, the fp16 one (merging tokens by `merged`), verified; and
+    whether the weights are external."""
+    merging = merged.merging if merged else None
+    name = stem(merging)
     metadata = {
         "vitdeploy.model": source.spec.name,
         "vitdeploy.class_names": ",".join(source.class_names),
@@ -320,34 +413,40 @@ def _onnx_graphs(folder: Path, options: ExportOptions, source: _Source, contract
         "vitdeploy.input_contract": _json(contract),
         "vitdeploy.version": __version__,
         "vitdeploy.source_checkpoint_sha256": ckpt_hash,
+        **({"vitdeploy.tome": _json(merging.to_record())} if merging else {}),
     }
-    say(f"exporting {source.spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch})")
+    say(f"exporting {source.spec.name} to ONNX (opset {onnx_export.OPSET}, batch {options.min_batch}..{options.max_batch}"
+        + (f", {tome.describe(merging)})" if merging else ")"))
     module = onnx_export.InferenceModel(source.model, source.graph_preprocessing, options.preprocess_in_graph)
     example = onnx_export.example_input(source.graph_preprocessing, options.preprocess_in_graph, max(2, min(options.max_batch, 4)))
     if options.max_batch < 2:
         example = example[:1]
-    external = onnx_export.export_onnx(module, example, folder / "model.onnx", options.min_batch, options.max_batch, metadata)
+    with tome.merged(source.model, merging):
+        external = onnx_export.export_onnx(module, example, folder / f"{name}.onnx", options.min_batch, options.max_batch,
+                                           metadata)
     if options.int8 and not external:  # --int8-exclude names nodes of this graph: checked before any parity run
-        int8q.quantizable_nodes(onnx.load(str(folder / "model.onnx")), options.int8_options.exclude)
-    records = [verify.onnx("model.onnx", "fp32", ["model.onnx.data"] if external else [])]
+        int8q.quantizable_nodes(onnx.load(str(folder / f"{name}.onnx")), options.int8_options.exclude)
+    records = [verify.onnx(f"{name}.onnx", "fp32", [f"{name}.onnx.data"] if external else [], merged=merged)]
     if options.fp16:
-        _write_fp16(folder, options, external, say)
-        records.append(verify.onnx("model_fp16.onnx", "fp16", ["model_fp16.onnx.data"] if external else []))
+        _write_fp16(folder, name, options, external, say)
+        records.append(verify.onnx(f"{name}_fp16.onnx", "fp16", [f"{name}_fp16.onnx.data"] if external else [],
+                                   merged=merged))
     return records, external
 
 
-def _write_fp16(folder: Path, options: ExportOptions, external: bool, say: Say) -> None:
-    """model_fp16.onnx from model.onnx by --fp16-policy (fp16 halves only the weights: the fp32 external-data decision holds)."""
-    say(f"converting to fp16, policy {options.fp16_policy}: {FP16_POLICIES[options.fp16_policy]}")
+def _write_fp16(folder: Path, name: str, options: ExportOptions, external: bool, say: Say) -> None:
+    """NAME_fp16.onnx from NAME.onnx by --fp16-policy (fp16 halves only the weights: the fp32 external-data decision holds)."""
+    say(f"converting {name}.onnx to fp16, policy {options.fp16_policy}: {FP16_POLICIES[options.fp16_policy]}")
+    source = folder / f"{name}.onnx"
     if options.fp16_policy == "activations":
         if external:
             raise VitDeployError("--fp16-policy activations needs the whole graph in memory and this model's weights "
                                  "exceed 1 GiB; use --fp16-policy matmul")
-        low = fp16.convert_activations_to_fp16(onnx.load(str(folder / "model.onnx")))
+        low = fp16.convert_activations_to_fp16(onnx.load(str(source)))
     else:
-        floats = fp16.float_tensors(onnx.load(str(folder / "model.onnx"), load_external_data=False))
-        low = fp16.convert_to_mixed_fp16(onnx.load(str(folder / "model.onnx")), floats)
-    onnx_export.save_graph(low, folder / "model_fp16.onnx", "model_fp16.onnx.data" if external else None)
+        floats = fp16.float_tensors(onnx.load(str(source), load_external_data=False))
+        low = fp16.convert_to_mixed_fp16(onnx.load(str(source)), floats)
+    onnx_export.save_graph(low, folder / f"{name}_fp16.onnx", f"{name}_fp16.onnx.data" if external else None)
 
 
 def _resize_cost(source: _Source, ref_logits: np.ndarray, max_batch: int, say: Say) -> dict[str, Any]:
@@ -399,26 +498,27 @@ def _calibration_images(options: ExportOptions, source: _Source) -> np.ndarray:
 
 
 def _export_int8(staging: Path, options: ExportOptions, calibration: np.ndarray, verify: _Verifier,
-                 say: Say, external: bool, model_px: int) -> list[dict[str, Any]]:
-    """The CPU INT8 graph (form by the CPU rule) and the TensorRT INT8 graph, each through the accuracy gate."""
+                 say: Say, external: bool, model_px: int, merged: _Merged | None = None) -> list[dict[str, Any]]:
+    """The CPU INT8 graph (form by the CPU rule) and the TensorRT INT8 graph of NAME.onnx, each through the accuracy gate."""
+    name = stem(merged.merging if merged else None)
     if external:
         raise VitDeployError("--int8 needs the model in one ONNX file (protobuf's 2 GB limit) and this model's weights "
                              "exceed it; export it without --int8")
     rule = int8q.cpu_form(cpu_flags())
     records = []
-    for name, form, target in (("model_int8_cpu.onnx", rule["form"], "cpu"),
-                               ("model_int8_trt.onnx", "qdq-s8-symmetric", "tensorrt")):
+    for out, form, target in ((f"{name}_int8_cpu.onnx", rule["form"], "cpu"),
+                              (f"{name}_int8_trt.onnx", "qdq-s8-symmetric", "tensorrt")):
         runners = [b.name for b in registry.BACKENDS if b.int8_target == target]
         say(f"quantizing to INT8 for {', '.join(runners)}: {form}"
             + (f" ({rule['reason']})" if target == "cpu" else " (symmetric s8 Q/DQ, as TensorRT requires)")
             + f", calibrated on {len(calibration)} training images ({options.int8_options.calib_method})")
         with int8q.temporary_files_in(staging):  # ONNX Runtime's scratch files: removed with the staging folder
-            record = int8q.quantize(staging / "model.onnx", staging / name, form, calibration, options.int8_options,
-                                    model_px=model_px, say=say)
+            record = int8q.quantize(staging / f"{name}.onnx", staging / out, form, calibration, options.int8_options,
+                                    model_px=model_px, say=say, symbolic_shapes=merged is None)
         record.update(target=target, backends=runners)
         if target == "cpu":
             record.update(rule=rule["reason"], cpu_int8_flags=rule["cpu_int8_flags"])
-        records.append(verify.onnx(name, "int8", [], {"int8": record}))
+        records.append(verify.onnx(out, "int8", [], {"int8": record}, merged))
     return records
 
 
@@ -426,8 +526,8 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _build_engine(trt: Any, staging: Path, source: str, name: str, options: ExportOptions, shape: tuple[int, ...],
-                  say: Say) -> dict[str, Any]:
+def _build_engine(trt: Any, staging: Path, source: str, name: str, precision: str, options: ExportOptions,
+                  shape: tuple[int, ...], say: Say) -> dict[str, Any]:
     """Build `name` from the ONNX file `source` and return its build record with the engine's I/O."""
     cache = options.timing_cache or Path.home() / ".cache" / "vitdeploy" / "tensorrt-timing.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -436,7 +536,7 @@ def _build_engine(trt: Any, staging: Path, source: str, name: str, options: Expo
     say(f"building the TensorRT {trt.__version__} engine from {source} (strongly typed; precision from the ONNX types)")
     (staging / name).write_bytes(tensorrt.build_engine(trt, staging / source, onnx_export.INPUT, shape, build))
     record = {
-        "kind": "tensorrt", "precision": name.removeprefix("model_").removesuffix(".plan"), "source_onnx": source,
+        "kind": "tensorrt", "precision": precision, "source_onnx": source,
         "tensorrt_version": trt.__version__, **tensorrt_runtime.current_gpu(),
         "profiles": [{"min": lo, "opt": opt, "max": hi} for lo, opt, hi in options.profiles],
         "hardware_compatible": options.hardware_compatible, "version_compatible": options.version_compatible,

@@ -155,9 +155,12 @@ def _method(name: str) -> Any:
 
 
 def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, options: Int8Options,
-             input_name: str = "input", model_px: int = 32, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+             input_name: str = "input", model_px: int = 32, say: Callable[[str], None] | None = None,
+             symbolic_shapes: bool = True) -> dict[str, Any]:
     """Write the INT8 graph of `form` ('dynamic', 'qdq-u8', 'qdq-u8-vnni', 'qdq-s8-symmetric') for `source`; returns
-    what the manifest records (form, quantized and float nodes, calibration, peak memory)."""
+    what the manifest records (form, quantized and float nodes, calibration, peak memory). `symbolic_shapes`
+    False: ONNX's own shape inference only (a token-merging graph, whose reductions ONNX Runtime's symbolic
+    inference cannot follow; its shapes are static but for the batch)."""
     from onnxruntime.quantization import (
         QuantFormat,
         QuantType,
@@ -168,7 +171,7 @@ def quantize(source: Path, out: Path, form: str, images: np.ndarray | None, opti
 
     prepared = out.with_name(out.name + ".pre.onnx")
     # ONNX Runtime's own pre-processing (shape inference); no ORT-specific fusions, so the graph stays plain ONNX
-    quant_pre_process(str(source), str(prepared), skip_optimization=True)
+    quant_pre_process(str(source), str(prepared), skip_optimization=True, skip_symbolic_shape=not symbolic_shapes)
     model = onnx.load(str(prepared))
     prepared.unlink()
     nodes, kept = quantizable_nodes(model, options.exclude)
