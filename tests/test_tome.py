@@ -69,7 +69,7 @@ def reference_forward(model: VisionTransformer, images: torch.Tensor, schedule: 
     x = model._process_input(images)
     x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1) + model.encoder.pos_embedding
     size = None
-    for block, r in zip(model.encoder.layers, schedule):
+    for block, r in zip(model.encoder.layers, schedule, strict=True):
         x, size = reference_block(block, x, size, r)
     return model.heads(model.encoder.ln(x)[:, 0])
 

@@ -251,6 +251,7 @@ def train(
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Per-epoch checkpoints kept, 0 = all.", show_default=_train_default("keep_checkpoints"))] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option(help="Batch size for validation and test.", show_default="--batch-size")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Run data-parallel on N processes of this machine (re-launches itself through torchrun; --batch-size stays global).")] = None,
+    tome: Annotated[Optional[str], typer.Option(metavar="R|R1,R2,...", help="Fine-tune with token merging (ToMe) on: R tokens merged per block, or one value per block; evaluation merges too, and export writes the merged graphs.", show_default="off")] = None,
 ) -> None:
     """Train or fine-tune a ViT on CIFAR-10 or an image folder (validation split for model selection, test set reported).
 
@@ -365,7 +366,7 @@ def export(
     weights: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its weights (safetensors or a torch state dict of the model's own layout, head included).", show_default="timm: the Hugging Face cache; hf: the folder")] = None,
     class_names: Annotated[Optional[Path], typer.Option(help="A model name as SOURCE: its class names, one per line.", show_default="the model's own (id2label, label_names, ImageNet-1k)")] = None,
     resize: Annotated[Optional[Resize], typer.Option(help="The graph's resize mode instead of the model's (bicubic cannot become a TensorRT engine); the parity checks measure the difference.")] = None,
-    tome: Annotated[Optional[str], typer.Option(metavar="R|R1,R2,...|auto", help="Also write graphs that merge tokens (ToMe) beside the unmerged ones: R tokens per block, a schedule with one value per block, or auto (the largest of a short list of r that passes the accuracy gate).")] = None,
+    tome: Annotated[Optional[list[str]], typer.Option(metavar="R|R1,R2,...|auto", help="Also write graphs that merge tokens (ToMe) beside the unmerged ones: R tokens per block or a schedule with one value per block (repeatable: one set of graphs each), or auto (the largest of a short list of r that passes the accuracy gate).")] = None,
     tome_max_accuracy_drop: Annotated[float, typer.Option(help="Largest accuracy loss of a merged graph against the unmerged PyTorch fp32 model, percentage points (fp16 and INT8 graphs may lose their own allowance on top).")] = 1.0,
 ) -> None:
     """Export a trained model, or one as published: verified ONNX (fp32, and fp16 with --fp16), TensorRT engine, manifest, Triton repository."""
@@ -373,7 +374,7 @@ def export(
     from vitdeploy.export.artifacts import ExportOptions, export_artifacts
     from vitdeploy.export.int8 import Int8Options
 
-    merging = tomes.parse(tome)  # before anything else: a bad value is one line
+    mergings = tuple(tomes.parse(t) for t in tome or ())  # before anything else: a bad value is one line
 
     if out is None and not source.exists():
         raise VitDeployError(f"{source} is not a run folder or checkpoint here; to deploy it as a published model, "
@@ -389,7 +390,7 @@ def export(
         preprocess_in_graph=preprocess, parity_images=parity_images, data_dir=data_dir, triton=triton, force=force,
         workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compatible=hardware_compatible,
         version_compatible=version_compatible, weights=weights, class_names=class_names, resize=resize.value if resize else None,
-        tome=merging, tome_max_accuracy_drop=tome_max_accuracy_drop,
+        tome=mergings, tome_max_accuracy_drop=tome_max_accuracy_drop,
     )
     with _sigterm_unwinds():  # a stopped export removes its staging folder and scratch files
         export_artifacts(options, say=lambda line: console.print(escape(line)))
@@ -454,8 +455,10 @@ def bench(
     tie_margin: Annotated[Optional[float], typer.Option(help="Top-1 may differ from the reference only where its top-2 margin is below this.", show_default="2e-3 fp32, 0.5 fp16, 1.0 bf16")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Largest allowed accuracy loss, percentage points.", show_default="0 fp32, 0.1 fp16, 0.3 bf16")] = None,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help=f"Replay CUDA graphs (one per timed batch size) on the GPU backends {', '.join(registry.GRAPH_BACKENDS)}; each graph is checked against the run without it first.")] = False,
+    tome: Annotated[Optional[list[str]], typer.Option(metavar="R|R1,R2,...", help="Token merging to run (repeatable; 0: unmerged): the graphs exported with it, and pytorch merging the same way.", show_default="unmerged and every merging the export wrote")] = None,
 ) -> None:
     """Latency, throughput and accuracy parity of inference backends against the PyTorch fp32 reference."""
+    from vitdeploy import tome as tomes
     from vitdeploy.bench.report import write_reports
     from vitdeploy.bench.run import BenchOptions, run_bench
     from vitdeploy.bench.timing import TimingPolicy
@@ -467,6 +470,7 @@ def bench(
         policy=TimingPolicy(warmup, min_iters, min_seconds, max_seconds), limit=limit, data_dir=data_dir,
         threads=threads, compile=compile, checkpoint=checkpoint, max_abs=max_abs_diff, margin=tie_margin,
         max_accuracy_drop=max_accuracy_drop, cuda_graph=cuda_graph,
+        tome=tuple(tomes.label_of(_served_tome(tomes.parse(t))) or "0" for t in tome or ()),
     )
     folder = out or artifacts
     check_output_dir(folder, "--out" if out else "--out (default: the artifact folder)")  # before the long parity run
@@ -474,12 +478,12 @@ def bench(
                        progress=lambda partial: write_reports(partial, folder, plot=False))
     paths = write_reports(report, folder)
     gpu = report["environment"]["gpu"]
-    table = Table("backend", "precision", "mode", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "x pytorch fp32",
+    table = Table("backend", "precision", "r", "mode", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "x pytorch fp32",
                   "iters", "file", "MB", "load s", "peak RSS MB",
                   title=f"{report['model']} on {gpu['name'] if gpu else report['environment']['cpu']['name']}")
     for r in report["records"]:
         speedup = r["speedup_vs_pytorch_fp32"]
-        table.add_row(r["backend"], r["precision"], r["mode"], str(r["batch_size"]), f"{r['latency_ms_p50']:.3f}",
+        table.add_row(r["backend"], r["precision"], r["tome"] or "-", r["mode"], str(r["batch_size"]), f"{r['latency_ms_p50']:.3f}",
                       f"{r['latency_ms_p90']:.3f}", f"{r['latency_ms_p99']:.3f}", f"{r['images_per_s']:,.1f}",
                       "-" if speedup is None else f"{speedup:.2f}x",
                       f"{r['iterations']}{'*' if r['capped_by_max_seconds'] else ''}", escape(str(r["artifact"])),
@@ -488,17 +492,17 @@ def bench(
     console.print(table)
     if any(r["capped_by_max_seconds"] for r in report["records"]):
         console.print("* stopped by --max-seconds before --min-iters/--min-seconds were met")
-    table = Table("backend", "precision", "accuracy %", "top-1 agreement %", "max |dlogit|", "mean |dlogit|", "NaN/Inf", "parity",
+    table = Table("backend", "precision", "r", "accuracy %", "top-1 agreement %", "max |dlogit|", "mean |dlogit|", "NaN/Inf", "parity",
                   title=f"accuracy and parity vs PyTorch fp32 on {report['data']['images']} test images")
     for p in report["parity"]:
-        table.add_row(p["backend"], p["precision"], "n/a" if p["accuracy_pct"] is None else f"{p['accuracy_pct']:.2f}", f"{100 * p['top1_agreement']:.2f}",
+        table.add_row(p["backend"], p["precision"], p["tome"] or "-", "n/a" if p["accuracy_pct"] is None else f"{p['accuracy_pct']:.2f}", f"{100 * p['top1_agreement']:.2f}",
                       f"{p['max_abs_logit_diff']:.2e}", f"{p['mean_abs_logit_diff']:.2e}", str(p["nan_inf_images"]),
                       "pass" if p["passed"] else "FAIL: " + escape("; ".join(p["failures"])))
     console.print(table)
     for s in report["skipped"]:
         console.print(f"skipped {s['backend']}: {escape(s['reason'])}")
     console.print("wrote " + ", ".join(str(p) for p in paths))
-    failed = [f"{p['backend']} {p['precision']}" for p in report["parity"] if not p["passed"]]
+    failed = [f"{p['backend']} {p['precision']}" + (f" r={p['tome']}" if p["tome"] else "") for p in report["parity"] if not p["passed"]]
     if failed:
         raise VitDeployError(f"outside parity tolerance: {', '.join(failed)} (details in {paths[0]})")
 
@@ -517,7 +521,6 @@ def predict(
     import numpy as np
 
     from vitdeploy import tome as tomes
-
     from vitdeploy.backends.base import run_batches
     from vitdeploy.backends.factory import model_input, open_backend
     from vitdeploy.images import Fit, load_image_file
@@ -724,12 +727,15 @@ def serve(
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", metavar="", help=f"Replay CUDA graphs on the GPU backends ({', '.join(registry.GRAPH_BACKENDS)}): buckets 1, 2, 4, ... up to --max-batch, each batch padded into its bucket.")] = False,
     explain_queue: Annotated[int, typer.Option(help="Most /v1/explain requests running or waiting (one runs at a time, on the server's own PyTorch copy of the model); beyond it 503. 0 turns explanations off.")] = 4,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    tome: Annotated[Optional[str], typer.Option(metavar="R|R1,R2,...", help="Token merging (ToMe): serve the graph exported with it (pytorch merges itself); /v1/explain is then off.")] = None,
 ) -> None:
     """Serve a model over HTTP with dynamic batching: /v1/predict, /v1/predict/batch, /v1/explain, /healthz, /readyz, /v1/model, /metrics, an upload page at /, and the Open Inference Protocol (KServe v2, Triton's HTTP API) under /v2 for tritonclient and KServe clients."""
+    from vitdeploy import tome as tomes
     from vitdeploy.serve.config import ServeConfig, body_bytes
 
     name = registry.parse_backends(backend, allow_all=False)[0]
     registry.check_cuda_graph(name, cuda_graph)  # a mistake in the options is named before a missing extra
+    merging = _served_tome(tomes.parse(tome))
     max_body_bytes = body_bytes(max_body_mb)
     try:
         import uvicorn
@@ -746,12 +752,13 @@ def serve(
         max_body_bytes=max_body_bytes, max_images_per_request=max_images_per_request, timeout_s=timeout_s,
         read_timeout_s=read_timeout_s, write_timeout_s=write_timeout_s, max_connections=max_connections,
         api_key=api_key, cors_origins=tuple(cors_origin or ()), threads=threads,
-        checkpoint=checkpoint, cuda_graph=cuda_graph, explain_queue=explain_queue,
+        checkpoint=checkpoint, cuda_graph=cuda_graph, explain_queue=explain_queue, tome=merging,
     )
     application = create_app(config)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
-    console.print(f"serving {artifacts} with {config.backend} {config.precision} on http://{host}:{port}/ (SIGTERM or Ctrl-C drains and stops)")
+    merged = f" merging tokens r={tomes.label_of(merging)}" if merging is not None else ""
+    console.print(f"serving {artifacts} with {config.backend} {config.precision}{merged} on http://{host}:{port}/ (SIGTERM or Ctrl-C drains and stops)")
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found: a no-op one makes
     # a drained shutdown exit 0, as process managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)

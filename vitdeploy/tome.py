@@ -75,6 +75,11 @@ def label_of(asked: int | tuple[int, ...] | None) -> str | None:
     return str(asked) if isinstance(asked, int) else "-".join(map(str, asked))
 
 
+def from_label(label: str | None) -> int | tuple[int, ...] | None:
+    """The parsed --tome value of a label (`label_of`'s inverse)."""
+    return None if label is None else parse(label.replace("-", ","))
+
+
 def patch_tokens(spec: ModelSpec) -> int:
     """The patch tokens of one image (the sequence without its prefix tokens)."""
     return (spec.input_size // spec.patch_size) ** 2
@@ -183,7 +188,8 @@ def _blocks(model: nn.Module) -> tuple[nn.Sequential, str]:
             return layers, "torchvision"
     else:
         try:
-            from timm.models.vision_transformer import Attention, Block, VisionTransformer as TimmViT
+            from timm.models.vision_transformer import Attention, Block
+            from timm.models.vision_transformer import VisionTransformer as TimmViT
         except ImportError:
             TimmViT = None  # noqa: N806 - timm is optional
         if TimmViT is not None and isinstance(model, TimmViT):
@@ -229,16 +235,21 @@ def _forward_merging(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     merging: Merging = blocks.tome
     block_step = _torchvision_block if blocks.tome_kind == "torchvision" else _timm_block
     size = None
-    for block, r in zip(blocks, merging.schedule):
+    for block, r in zip(blocks, merging.schedule, strict=True):
         x, size = block_step(block, x, size, r, merging.prefix)
     return x
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None, dropout: float,
                scale: float | None = None) -> torch.Tensor:
-    """Softmax attention with proportional attention: log(size) of each key added to its logits."""
-    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    """Softmax attention with proportional attention: log(size) of each key added to its logits. Written
+    out (not scaled_dot_product_attention, whose ONNX form computes its reshapes at run time), so every
+    shape in the exported graph is a number but the batch."""
+    logits = (q * (scale or q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :, 0].to(logits.dtype)
+    weights = logits.softmax(dim=-1)
+    return (F.dropout(weights, dropout) if dropout else weights) @ v
 
 
 def _torchvision_block(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None, r: int,

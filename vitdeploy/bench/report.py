@@ -41,8 +41,34 @@ def records_csv(records: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def _accuracy_panel(ax: Any, report: dict[str, Any], batch: int) -> None:
+    """Accuracy against images/s at the largest batch size: each backend/precision/r one point, each backend
+    and precision's points across r joined, so what token merging and precision trade is one picture."""
+    rows = [r for r in report["records"] if r["batch_size"] == batch and r["mode"] == "end-to-end"]
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['backend']} {r['precision']}", []).append(r)
+    for label, points in series.items():
+        points = sorted(points, key=lambda r: r["images_per_s"])
+        measured = [p for p in points if p["accuracy_pct"] is not None]
+        y_key = "accuracy_pct" if measured else "top1_agreement"
+        ys = [p[y_key] if y_key == "accuracy_pct" else 100 * p[y_key] for p in points]
+        ax.plot([p["images_per_s"] for p in points], ys, marker="o", label=label)
+        for p, y in zip(points, ys, strict=True):
+            ax.annotate(f"r={p.get('tome') or 0}", (p["images_per_s"], y), fontsize="x-small",
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"images/s (batch {batch}, end-to-end)")
+    ax.set_ylabel("test accuracy % (top-1 agreement % without labels)")
+    ax.set_title(f"{report['model']}: accuracy vs throughput across r")
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
+
+
 def plot_png(report: dict[str, Any]) -> bytes:
-    """p50 latency and images/s against batch size, one line per backend/precision/mode."""
+    """p50 latency and images/s against batch size, one line per backend/precision/r/mode; accuracy
+    against images/s across token merging and precisions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,8 +77,9 @@ def plot_png(report: dict[str, Any]) -> bytes:
 
     lines: dict[str, list[dict[str, Any]]] = {}
     for r in report["records"]:
-        lines.setdefault(f"{r['backend']} {r['precision']} {r['mode']}", []).append(r)
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 4.8))
+        merged = f" r={r['tome']}" if r.get("tome") else ""
+        lines.setdefault(f"{r['backend']} {r['precision']}{merged} {r['mode']}", []).append(r)
+    fig, (ax_lat, ax_thr, ax_acc) = plt.subplots(1, 3, figsize=(18, 4.8))
     for label, rows in lines.items():
         rows = sorted(rows, key=lambda r: r["batch_size"])
         sizes = [r["batch_size"] for r in rows]
@@ -75,6 +102,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
         ax.set_title(f"{report['model']}: {title} ({where})")
         ax.grid(True, which="both", alpha=0.3)
     ax_thr.legend(fontsize="small")
+    _accuracy_panel(ax_acc, report, max(sizes_all))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

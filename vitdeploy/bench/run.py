@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitdeploy import tome as tomes
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend, run_batches
-from vitdeploy.backends.factory import missing_hint, model_input, open_backend
+from vitdeploy.backends.factory import missing_hint, model_input, open_backend, served_artifact
 from vitdeploy.bench.timing import TimingPolicy, measure
 from vitdeploy.choices import BENCH_MODES
 from vitdeploy.datasets import parity_set
@@ -66,6 +67,7 @@ class BenchOptions:
     margin: float | None = None
     max_accuracy_drop: float | None = None
     cuda_graph: bool = False
+    tome: tuple[str, ...] = ()  # token-merging labels to run ("0": unmerged); empty: unmerged and every exported one
 
     def validate(self, manifest: dict[str, Any]) -> None:
         registry.parse_backends(",".join(self.backends))  # each name known
@@ -98,11 +100,23 @@ class BenchOptions:
         lo, hi = manifest["batch"]["min"], manifest["batch"]["max"]
         return tuple(b for b in DEFAULT_BATCH_SIZES if lo <= b <= hi) or (hi,)
 
-    def tolerance(self, precision: str) -> Tolerance:
-        """The default tolerance of `precision`, with the options given on the command line."""
+    def tolerance(self, precision: str, tome: str | None = None) -> Tolerance:
+        """The default tolerance of `precision`, with the options given on the command line. Merged runs
+        are judged by accuracy alone (as export's gate): --max-accuracy-drop, else 1 point plus the precision's."""
+        if tome is not None:
+            drop = self.max_accuracy_drop
+            return Tolerance(None, None, TOLERANCES[precision].max_accuracy_drop + 1.0 if drop is None else drop)
         overrides = {k: v for k, v in (("max_abs", self.max_abs), ("margin", self.margin),
                                        ("max_accuracy_drop", self.max_accuracy_drop)) if v is not None}
         return replace(TOLERANCES[precision], **overrides)
+
+
+def mergings_for(manifest: dict[str, Any], asked: tuple[str, ...]) -> list[str | None]:
+    """The token mergings to run (labels, None: unmerged): those asked for, or unmerged and every exported one."""
+    if asked:
+        return list(dict.fromkeys(None if a == "0" else a for a in asked))
+    exported = [a["tome"]["label"] for a in manifest["artifacts"] if "tome" in a]
+    return [None, *dict.fromkeys(exported)]
 
 
 def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -127,11 +141,13 @@ def precisions_for(name: str, manifest: dict[str, Any], asked: tuple[str, ...]) 
     return [p for p in asked if p in runnable], reasons
 
 
-def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
-    """(backend, precision) pairs to run, and the skipped ones with their reasons.
+def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[str, str, str | None]], list[dict[str, str]]]:
+    """(backend, precision, token merging) triples to run, and the skipped ones with their reasons.
 
-    With `all`, a backend that cannot run here is skipped; named explicitly, it is an error.
+    With `all`, a backend that cannot run here is skipped; named explicitly, it is an error. The
+    pytorch backend runs every merging (it merges itself); the others where the export wrote it.
     """
+    mergings = mergings_for(manifest, options.tome)
     explicit = "all" not in options.backends
     names = tuple(dict.fromkeys(options.backends)) if explicit else registry.NAMES
     statuses = {s.name: s for s in registry.statuses(names)}
@@ -144,7 +160,13 @@ def plan(manifest: dict[str, Any], options: BenchOptions) -> tuple[list[tuple[st
             skipped.append({"backend": name, "reason": status.reason})
             continue
         chosen, reasons = precisions_for(name, manifest, options.precisions)
-        runs += [(name, p) for p in chosen]
+        entry = registry.get(name)
+        for p, label in itertools.product(chosen, mergings):
+            if entry.kind == "checkpoint" or served_artifact(manifest, name, p, tomes.from_label(label)) is not None:
+                runs.append((name, p, label))
+            elif options.tome:
+                reasons.append(f"{name} {p}: the artifacts have no graph merging tokens with r={label} "
+                               f"({missing_hint(entry.kind, p, tomes.from_label(label))})")
         skipped += [{"backend": name, "reason": r} for r in reasons]
         if not chosen and not reasons:
             skipped.append({"backend": name, "reason": f"no {name} artifact in {options.artifacts}"})
@@ -191,11 +213,11 @@ def run_bench(options: BenchOptions, say: Say = print,
     measured = "accuracy and parity" if labels is not None else "parity (no accuracy: the model's classes are not the dataset's)"
     say(f"{measured} on {test.what} ({data_dir}); timing batch sizes {', '.join(map(str, batch_sizes))}")
     bench = _Bench(options, manifest, images, labels, batch_sizes, say)
-    with bench.open("pytorch", "fp32", compile=False) as reference:  # always eager fp32, without graphs
+    with bench.open("pytorch", "fp32", compile=False) as reference:  # always eager fp32, unmerged, without graphs
         ref_logits = run_batches(reference, images, bench.eval_batch, say, "reference pytorch fp32:")
     report = _new_report(options, manifest, data_dir, n, bench.eval_batch, skipped)
-    for name, precision in runs:
-        for kind, entry in bench.measure(name, precision, ref_logits):
+    for name, precision, label in runs:
+        for kind, entry in bench.measure(name, precision, label, ref_logits):
             report[kind].append(entry)
             if progress is not None and kind == "records":
                 progress(report)
@@ -208,19 +230,19 @@ def run_bench(options: BenchOptions, say: Say = print,
     return report
 
 
-def _device_mode_plan(runs: list[tuple[str, str]], skipped: list[dict[str, str]],
-                      modes: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+def _device_mode_plan(runs: list[tuple[str, str, str | None]], skipped: list[dict[str, str]],
+                      modes: tuple[str, ...]) -> tuple[list[tuple[str, str, str | None]], list[dict[str, str]]]:
     """With --mode device alone, the runs without a device mode here move to the skipped ones
     (refused before the parity pass, not after it with an empty table)."""
     if modes != ("device",):
         return runs, skipped
-    hostless = [(n, p) for n, p in runs if not registry.get(n).device_mode_here()]
+    hostless = [(n, p, t) for n, p, t in runs if not registry.get(n).device_mode_here()]
     kept = [r for r in runs if r not in hostless]
     if not kept:
         raise VitDeployError("--mode device times inputs already on a GPU, and no backend to bench here has a device "
                              "mode (the CPU backends run from host memory); use --mode end-to-end")
     return kept, skipped + [{"backend": n, "reason": f"{n} {p}: no device mode here (its inputs live on the host)"}
-                            for n, p in hostless]
+                            for n, p, _ in hostless]
 
 
 def _new_report(options: BenchOptions, manifest: dict[str, Any], data_dir: Path, n: int, eval_batch: int,
@@ -249,11 +271,17 @@ def _new_report(options: BenchOptions, manifest: dict[str, Any], data_dir: Path,
 
 
 def _add_speedups(records: list[dict[str, Any]]) -> None:
-    """Each record's images/s over PyTorch fp32's in the same mode and batch size, where that was measured."""
+    """Each record's images/s over unmerged PyTorch fp32's in the same mode and batch size, and over the same
+    backend and precision unmerged (what token merging gained), where those were measured."""
+    def images_per_s(backend: str, precision: str, mode: str, batch_size: int) -> float | None:
+        return next((r["images_per_s"] for r in records if (r["backend"], r["precision"], r["mode"], r["batch_size"], r["tome"])
+                     == (backend, precision, mode, batch_size, None)), None)
+
     for record in records:
-        base = next((r for r in records if (r["backend"], r["precision"], r["mode"], r["batch_size"])
-                     == ("pytorch", "fp32", record["mode"], record["batch_size"])), None)
-        record["speedup_vs_pytorch_fp32"] = round(record["images_per_s"] / base["images_per_s"], 3) if base else None
+        key = (record["mode"], record["batch_size"])
+        base, unmerged = images_per_s("pytorch", "fp32", *key), images_per_s(record["backend"], record["precision"], *key)
+        record["speedup_vs_pytorch_fp32"] = round(record["images_per_s"] / base, 3) if base else None
+        record["speedup_vs_unmerged"] = round(record["images_per_s"] / unmerged, 3) if unmerged else None
 
 
 @dataclass(frozen=True)
@@ -271,35 +299,37 @@ class _Bench:
     def eval_batch(self) -> int:
         return max(self.batch_sizes)
 
-    def open(self, name: str, precision: str, compile: bool, graphs: bool = False) -> Backend:
+    def open(self, name: str, precision: str, compile: bool, graphs: bool = False, tome: str | None = None) -> Backend:
         o = self.options
         return open_backend(o.artifacts, self.manifest, name, precision, threads=o.threads, compile=compile,
                             checkpoint=o.checkpoint, cuda_graph=graphs and registry.get(name).cuda_graph_here(),
-                            say=self.say)
+                            say=self.say, tome=tomes.from_label(tome))
 
-    def measure(self, name: str, precision: str, ref_logits: np.ndarray) -> Iterator[tuple[str, dict[str, Any]]]:
+    def measure(self, name: str, precision: str, tome: str | None,
+                ref_logits: np.ndarray) -> Iterator[tuple[str, dict[str, Any]]]:
         """("parity", its parity entry) first, then ("records", one record) per batch size and mode, as each is measured."""
         o, say = self.options, self.say
+        what = f"{name} {precision}" + (f" r={tome}" if tome else "")
         opened = time.perf_counter()
-        with self.open(name, precision, compile=o.compile and name == "pytorch", graphs=o.cuda_graph) as backend:
+        with self.open(name, precision, compile=o.compile and name == "pytorch", graphs=o.cuda_graph, tome=tome) as backend:
             loaded = {"load_s": round(time.perf_counter() - opened, 3)}  # reading the file, session or engine set-up
             described = backend.describe()
-            loaded.update(_artifact(self.manifest, described))
-            if (name, precision) == ("pytorch", "fp32") and not o.compile and not o.cuda_graph:
+            loaded.update(_artifact(self.manifest, described), gflops_per_image=_gflops(self.manifest, tome))
+            if (name, precision, tome) == ("pytorch", "fp32", None) and not o.compile and not o.cuda_graph:
                 logits = ref_logits  # it is the reference
             else:
                 logits = run_batches(backend, model_input(self.manifest, self.images, name), self.eval_batch, say,
-                                     f"{name} {precision} parity:")
-            metrics = compare(ref_logits, logits, self.labels, o.tolerance(precision))
-            say(f"{name} {precision}: {describe(metrics)}")
-            yield "parity", {"backend": name, "precision": precision, **metrics}
+                                     f"{what} parity:")
+            metrics = compare(ref_logits, logits, self.labels, o.tolerance(precision, tome))
+            say(f"{what}: {describe(metrics)}")
+            yield "parity", {"backend": name, "precision": precision, "tome": tome, **metrics}
             for batch_size, mode in itertools.product(self.batch_sizes, o.modes):
                 if mode == "device" and not backend.device_mode:
                     continue
-                record = _record(name, precision, mode, batch_size, described, self._time(backend, name, mode, batch_size),
-                                 metrics)
+                record = _record(name, precision, tome, mode, batch_size, described,
+                                 self._time(backend, name, mode, batch_size), metrics)
                 record.update(_ran(backend.describe()), **loaded, process_peak_rss_mib=peak_rss_mib())
-                say(f"{name} {precision} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
+                say(f"{what} {mode} batch {batch_size}: p50 {record['latency_ms_p50']:.3f} ms, "
                     f"{record['images_per_s']:,.1f} images/s ({record['iterations']} iterations"
                     f"{', capped by --max-seconds' if record['capped_by_max_seconds'] else ''})")
                 yield "records", record
@@ -312,6 +342,18 @@ class _Bench:
             return measure(backend.run_staged, staged, self.options.policy).summary(batch_size)
         return measure(lambda batch: backend.infer(model_input(self.manifest, batch, name)), batches,
                        self.options.policy).summary(batch_size)
+
+
+def _gflops(manifest: dict[str, Any], tome: str | None) -> float | None:
+    """GFLOPs per image of the merging `tome` (None: unmerged), as the export recorded it; None where it did not."""
+    for a in manifest["artifacts"]:
+        record = a.get("tome")
+        if record is not None:
+            if record["label"] == tome:
+                return record.get("gflops_per_image")
+            if tome is None:
+                return record.get("unmerged_gflops_per_image")
+    return None
 
 
 def _artifact(manifest: dict[str, Any], described: dict[str, Any]) -> dict[str, Any]:
@@ -336,12 +378,13 @@ def _ran(described: dict[str, Any]) -> dict[str, Any]:
     return {"trt_profile": described.get("last_profile"), "cuda_graph": ran, "graph_bucket": bucket}
 
 
-def _record(name: str, precision: str, mode: str, batch_size: int, described: dict[str, Any], timing: dict[str, Any],
-            metrics: dict[str, Any]) -> dict[str, Any]:
+def _record(name: str, precision: str, tome: str | None, mode: str, batch_size: int, described: dict[str, Any],
+            timing: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """One flat row: configuration, timing, and the configuration's parity."""
     return {
         "backend": name,
         "precision": precision,
+        "tome": tome,  # the token merging's label (r), None: unmerged
         "mode": mode,
         "batch_size": batch_size,
         "device": described.get("device"),

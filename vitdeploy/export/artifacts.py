@@ -77,7 +77,7 @@ class ExportOptions:
     weights: Path | None = None  # a model name as SOURCE: its weights file (else its cached or folder weights)
     class_names: Path | None = None  # a model name as SOURCE: its class names, one per line
     resize: str | None = None  # the graph's resize mode, where the model's cannot become an engine (bicubic)
-    tome: int | tuple[int, ...] | str | None = None  # token merging (tome.parse): also write merged graphs
+    tome: tuple[int | tuple[int, ...] | str | None, ...] = ()  # token mergings (tome.parse): also write merged graphs
     tome_max_accuracy_drop: float = 1.0
 
     @property
@@ -301,13 +301,13 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     if options.triton is not None:
         check_output_dir(options.triton, "--triton")
     loaded = _load(options)
-    mergings = _tome_plan(options, loaded.spec)  # before any long work: a --tome the model cannot hold fails here
+    tome_plan = _tome_plan(options, loaded, say)  # before any long work: a --tome the model cannot hold fails here
     trt, no_trt_reason = _tensorrt_plan(options)  # before any long work: an explicit --trt fails here
     source = _Source.load(options, loaded)
     calibration = _calibration_images(options, source) if options.int8 else None
     staging_dir = staging.prepare_out(options.out, options.force)
     try:
-        manifest = _export_into(staging_dir, options, source, calibration, trt, no_trt_reason, mergings, say)
+        manifest = _export_into(staging_dir, options, source, calibration, trt, no_trt_reason, tome_plan, say)
         staging.publish(staging_dir, options.out, manifest)
     except BaseException:  # an error, a full disk, SIGTERM (the CLI turns it into SystemExit): no debris beside --out
         shutil.rmtree(staging_dir, ignore_errors=True)
@@ -318,44 +318,68 @@ def export_artifacts(options: ExportOptions, say: Say = print) -> dict[str, Any]
     return manifest
 
 
-def _tome_plan(options: ExportOptions, spec: Any) -> list[tome.Merging]:
-    """The mergings --tome asks for: none, the one given, or --tome auto's candidates (largest first)."""
-    if options.tome is None:
-        return []
-    if options.tome == tome.AUTO:
+@dataclass(frozen=True)
+class _TomePlan:
+    """What --tome asks the export for: these mergings, or (`auto`) the first of them that passes the gate."""
+
+    mergings: tuple[tome.Merging, ...] = ()
+    auto: bool = False
+
+
+def _tome_plan(options: ExportOptions, loaded: LoadedModel, say: Say) -> _TomePlan:
+    """The mergings of every --tome (checked against the model before any long work): none, those given,
+    or --tome auto's candidates, largest first. Without --tome, a run fine-tuned with merging exports
+    its merging too."""
+    spec, asked = loaded.spec, options.tome
+    trained = loaded.checkpoint["config"].get("tome")
+    if not asked and isinstance(trained, str):
+        asked = (tome.parse(trained),)
+        say(f"the run was fine-tuned with --tome {trained}: exporting its merged graphs too (--tome 0: only unmerged ones)")
+    if tome.AUTO in asked:
+        if len(asked) > 1:
+            raise VitDeployError("--tome auto chooses one r: give it alone, or list the r values to export instead")
         tome.check_model(spec)
-        return [tome.plan(spec, r) for r in tome.auto_candidates(spec)]
-    merging = tome.plan(spec, options.tome)
-    return [] if merging is None else [merging]
+        return _TomePlan(tuple(tome.plan(spec, r) for r in tome.auto_candidates(spec)), auto=True)
+    mergings = [tome.plan(spec, value) for value in asked]
+    return _TomePlan(tuple(dict.fromkeys(m for m in mergings if m is not None)))
 
 
-def _merged_reference(options: ExportOptions, source: _Source, mergings: list[tome.Merging], ref_logits: np.ndarray,
-                      say: Say) -> tuple[_Merged, list[dict[str, Any]] | None]:
-    """PyTorch with merging on the parity images; with --tome auto, the candidates are tried largest
-    first and the first within the accuracy gate is taken (the smallest when none is: exported and failed)."""
-    trials, chosen = [], None
-    for merging in mergings:
-        with tome.merged(source.model, merging), TorchBackend(source.model, source.graph_preprocessing) as backend:
-            logits = run_batches(backend, source.images, options.max_batch, say, f"PyTorch with {tome.describe(merging)}:")
-        gate = parity.compare(ref_logits, logits, source.parity.labels, options.tolerance("fp32", merging))
-        trials.append({"r": merging.label, "passed": gate["passed"], "accuracy_pct": gate["accuracy_pct"],
-                       "top1_agreement": gate["top1_agreement"]})
-        if len(mergings) > 1:
-            say(f"--tome auto, r={merging.label} in PyTorch: {parity.describe(gate)}")
-        chosen = _Merged(merging, logits, {})
+def _merged_pytorch(options: ExportOptions, source: _Source, merging: tome.Merging, ref_logits: np.ndarray,
+                    say: Say) -> tuple[_Merged, dict[str, Any]]:
+    """PyTorch with `merging` on the parity images (the merged reference), its gate against the unmerged
+    reference, and what the merged files record (schedule, tokens, GFLOPs)."""
+    with tome.merged(source.model, merging), TorchBackend(source.model, source.graph_preprocessing) as backend:
+        logits = run_batches(backend, source.images, options.max_batch, say, f"PyTorch with {tome.describe(merging)}:")
+    gate = parity.compare(ref_logits, logits, source.parity.labels, options.tolerance("fp32", merging))
+    classes = len(source.class_names)
+    record = {"tome": {**merging.to_record(), "gflops_per_image": round(tome.gflops(source.spec, classes, merging), 4),
+                       "unmerged_gflops_per_image": round(tome.gflops(source.spec, classes, None), 4),
+                       "max_accuracy_drop": options.tome_max_accuracy_drop}}
+    say(f"{tome.describe(merging)}: {record['tome']['gflops_per_image']:.3g} GFLOPs per image (unmerged "
+        f"{record['tome']['unmerged_gflops_per_image']:.3g}); in PyTorch: {parity.describe(gate)}")
+    return _Merged(merging, logits, record), gate
+
+
+def _merged_references(options: ExportOptions, source: _Source, plan: _TomePlan, ref_logits: np.ndarray,
+                       say: Say) -> tuple[list[_Merged], dict[str, Any] | None]:
+    """The merged references to export, and --tome auto's record: its candidates are tried in PyTorch,
+    largest first, and the first within the accuracy gate is exported (the smallest when none is: it is
+    exported, fails its gate and the export exits 1)."""
+    if not plan.auto:
+        return [_merged_pytorch(options, source, m, ref_logits, say)[0] for m in plan.mergings], None
+    tried = []
+    for merging in plan.mergings:
+        merged, gate = _merged_pytorch(options, source, merging, ref_logits, say)
+        tried.append({"r": merging.label, "passed": gate["passed"], "accuracy_pct": gate["accuracy_pct"],
+                      "top1_agreement": gate["top1_agreement"]})
         if gate["passed"]:
             break
-    merging = chosen.merging
-    record = {"tome": {**merging.to_record(), "gflops_per_image": round(tome.gflops(source.spec, len(source.class_names), merging), 4),
-                       "unmerged_gflops_per_image": round(tome.gflops(source.spec, len(source.class_names), None), 4),
-                       "max_accuracy_drop": options.tome_max_accuracy_drop}}
-    say(f"{tome.describe(merging)}; {record['tome']['gflops_per_image']:.3g} GFLOPs per image "
-        f"(unmerged {record['tome']['unmerged_gflops_per_image']:.3g})")
-    return replace(chosen, record=record), trials if len(mergings) > 1 else None
+    say(f"--tome auto: r={merged.merging.label}" + ("" if tried[-1]["passed"] else " (no candidate passed the gate)"))
+    return [merged], {"tried": tried, "chosen": merged.merging.label, "max_accuracy_drop": options.tome_max_accuracy_drop}
 
 
 def _export_into(folder: Path, options: ExportOptions, source: _Source, calibration: np.ndarray | None, trt: Any,
-                 no_trt_reason: str | None, mergings: list[tome.Merging], say: Say) -> dict[str, Any]:
+                 no_trt_reason: str | None, tome_plan: _TomePlan, say: Say) -> dict[str, Any]:
     """Every file of the export, verified, and manifest.json last, in `folder`; returns the manifest."""
     if options.published:  # its checkpoint goes with the graphs: the PyTorch reference of bench, serve and explain
         atomic_save(source.checkpoint, folder / CHECKPOINT)
@@ -375,9 +399,9 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
     resize_cost = _resize_cost(source, ref_logits, options.max_batch, say) if graph != source.preprocessing else None
     verify = _Verifier(folder, options, feed, ref_logits, source.parity.labels, say, registry.get("ort-cuda").probe()[0])
     ckpt_hash = sha256_file(source.path)
-    merged, trials = _merged_reference(options, source, mergings, ref_logits, say) if mergings else (None, None)
+    merged, auto = _merged_references(options, source, tome_plan, ref_logits, say)
     artifacts = []
-    for each in (None, merged) if merged else (None,):
+    for each in (None, *merged):
         graphs, external = _onnx_graphs(folder, options, source, contract, ckpt_hash, verify, say, each)
         if options.int8:
             graphs += _export_int8(folder, options, calibration, verify, say, external, graph.input_size, each)
@@ -390,9 +414,8 @@ def _export_into(folder: Path, options: ExportOptions, source: _Source, calibrat
     if trt is None:
         say(f"no TensorRT engine: {no_trt_reason}")
     manifest = _manifest(options, source, contract, ckpt_hash, weights, artifacts, no_trt_reason, resize_cost)
-    if trials is not None:
-        manifest["tome_auto"] = {"tried": trials, "chosen": merged.merging.label,
-                                 "max_accuracy_drop": options.tome_max_accuracy_drop}
+    if auto is not None:
+        manifest["tome_auto"] = auto
     if options.triton is not None:
         manifest["triton"] = _write_triton(options.triton, folder, source.spec.name, manifest)
         say(f"Triton model repository: {options.triton}")

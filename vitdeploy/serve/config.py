@@ -44,6 +44,7 @@ class ServeConfig:
     checkpoint: Path | None = None
     cuda_graph: bool = False
     explain_queue: int = 4
+    tome: int | tuple[int, ...] | None = None  # token merging (`tome.parse`): the merged graph, or pytorch merging
 
     @property
     def shutdown_timeout_s(self) -> int:

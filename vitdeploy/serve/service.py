@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from vitdeploy import predictions, triton_model
+from vitdeploy import tome as tomes
 from vitdeploy.backends import registry
 from vitdeploy.backends.base import Backend
 from vitdeploy.backends.factory import model_input, open_backend, served_artifact, served_input
@@ -24,7 +25,7 @@ from vitdeploy.backends.graphs import power_of_two_buckets
 from vitdeploy.choices import EXPLAIN_METHODS
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import Fit
-from vitdeploy.manifest import read_or_describe
+from vitdeploy.manifest import read_or_describe, tome_label
 from vitdeploy.preprocess import Preprocessing
 from vitdeploy.serve.batcher import Batcher, BatchStats, QueueFull, Row
 from vitdeploy.serve.config import ServeConfig
@@ -72,7 +73,7 @@ def load_backend(config: ServeConfig, manifest: dict[str, Any]) -> Backend:
     buckets = power_of_two_buckets(config.max_batch) if config.cuda_graph else None
     backend = open_backend(config.artifacts, manifest, config.backend, config.precision, threads=config.threads,
                            checkpoint=config.checkpoint, cuda_graph=config.cuda_graph, graph_buckets=buckets,
-                           say=log.warning)
+                           say=log.warning, tome=config.tome)
     backend.activate()
     try:
         for n in buckets or sorted({1, config.max_batch}):  # with graphs, every bucket is captured and checked now
@@ -99,8 +100,8 @@ class Service:
         self.metrics = Metrics()
         self.stats = ModelStats()
         self.input = served_input(manifest, config.backend)  # what the batcher's rows are
-        artifact = served_artifact(manifest, config.backend, config.precision)
-        self.triton_name = triton_model.model_name(self.model_name, artifact)
+        artifact = served_artifact(manifest, config.backend, config.precision, config.tome)
+        self.triton_name = triton_model.model_name(self.model_name, artifact, tomes.label_of(config.tome))
         self.triton_config = triton_model.model_config(
             self.triton_name, triton_model.PLATFORMS[registry.get(config.backend).kind], config.max_batch, [self.input],
             [manifest["output"]], triton_model.parameters(artifact, config.precision),
@@ -117,8 +118,12 @@ class Service:
         manifest = model_description(config)
         config.check(manifest)
         backend = load_backend(config, manifest)
-        explainer, no_explainer = Explainer.open(config.artifacts, config.checkpoint, config.explain_queue,
-                                                 threads=None if config.backend == "pytorch" else 1)
+        if config.tome is not None:  # its tokens hold several patches each: the explainer's maps are of the unmerged model
+            explainer, no_explainer = None, ("explanations are not available for a model that merges tokens (--tome): "
+                                             "attention maps need one token per patch; serve without --tome to explain")
+        else:
+            explainer, no_explainer = Explainer.open(config.artifacts, config.checkpoint, config.explain_queue,
+                                                     threads=None if config.backend == "pytorch" else 1)
         if explainer is None:
             log.warning("/v1/explain will answer 503: %s", no_explainer)
         return cls(config, manifest, backend, explainer, no_explainer)
@@ -263,7 +268,8 @@ class Service:
             "input": manifest["input"],
             "preprocessing": manifest["preprocessing"],
             "batch": manifest["batch"],
-            "artifacts": [{k: a[k] for k in ("kind", "precision", "path", "sha256")} for a in manifest["artifacts"]],
+            "artifacts": [{**{k: a[k] for k in ("kind", "precision", "path", "sha256")}, "tome": tome_label(a)}
+                          for a in manifest["artifacts"]],
             "backend": self.backend.describe(),
             "open_inference_protocol": {"model": self.triton_name, "version": triton_model.VERSION,
                                         "infer": f"/v2/models/{self.triton_name}/infer", "input": self.input},

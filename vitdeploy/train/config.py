@@ -68,6 +68,7 @@ class TrainConfig:
     decode_workers: int | None = None  # None: up to 8, one per CPU
     data_placement: str = "auto"
     data_memory_mb: int | None = None  # None: half the free memory of the device
+    tome: str | None = None  # fine-tune with token merging: R or R1,R2,... (vitdeploy.tome.parse); None: off
 
     def __post_init__(self) -> None:
         from vitdeploy.models import get_spec
@@ -112,8 +113,19 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VitDeployError(message)
+        self.merging(spec)  # a --tome the model cannot hold is refused before any data loads
         if spec is not None and self.pretrained and not spec.pretrained:
             raise VitDeployError(f"{self.model} has no pretrained weights; drop --pretrained or pass --weights FILE")
+
+    def merging(self, spec: Any) -> Any:
+        """The token merging the run trains with (`tome.Merging`, None: off) for the model `spec`
+        (None: a timm/hf model not resolved yet: only the value's form is checked)."""
+        from vitdeploy import tome
+
+        asked = tome.parse(self.tome)
+        if asked == tome.AUTO:
+            raise VitDeployError("--tome auto is for export; train with a number of tokens per block, e.g. --tome 8")
+        return tome.plan(spec, asked) if spec is not None else None
 
     @property
     def mixing(self) -> bool:

@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from vitdeploy import __version__
+from vitdeploy import __version__, tome
 from vitdeploy.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -132,6 +132,10 @@ class _Run:
             self._load_initial_weights()
         else:
             load_exact_state(self.model, resume["model"], self.spec, "the checkpoint to resume")
+        merging = config.merging(self.spec)
+        if merging is not None:  # trained and evaluated merging tokens; the weights stay those of the plain model
+            tome.apply(self.model, merging)
+            self.console.print(f"fine-tuning with {tome.describe(merging)}")
         self.model.to(self.device)
         wrapped = self.model
         if dist.active:
