@@ -14,7 +14,8 @@ MAX_LINES = 60  # a function's body; a Typer command's parameter list is its opt
 MAX_INNER_LINES = 15
 # Inference: backends, bench, serve and the modules they stand on. None of it may import these.
 INFERENCE = ("backends", "bench", "serve", "manifest.py", "parity.py", "preprocess.py", "images.py", "predictions.py",
-             "tensorrt_runtime.py", "overlay.py", "files.py", "errors.py", "progress.py", "versions.py", "triton_model.py")
+             "tensorrt_runtime.py", "overlay.py", "files.py", "errors.py", "progress.py", "versions.py", "triton_model.py",
+             "tome.py")
 FORBIDDEN = ("vitdeploy.train", "vitdeploy.export")
 
 

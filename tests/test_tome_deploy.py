@@ -20,7 +20,7 @@ from vitdeploy.errors import VitDeployError
 from vitdeploy.export.artifacts import ExportOptions, export_artifacts
 from vitdeploy.export.int8 import Int8Options
 from vitdeploy.manifest import read_manifest, validate_manifest
-from vitdeploy.models import REGISTRY
+from vitdeploy.models import REGISTRY, build_model
 
 TINY = REGISTRY["vit_cifar_tiny"]  # 64 patch tokens and a class token, 6 blocks
 
@@ -177,3 +177,47 @@ def test_a_tampered_merging_record_is_refused(tome_art: Path) -> None:
     for bad in ({**merged["tome"], "label": "../x"}, {**merged["tome"], "schedule": [1] * 1001}, "4"):
         with pytest.raises(VitDeployError, match="tome"):
             validate_manifest({**manifest, "artifacts": [{**merged, "tome": bad}]})
+
+
+def test_training_with_merging_is_checkpointed_and_exported(cifar_root: Path, tmp_path: Path) -> None:
+    """train --tome fine-tunes (and evaluates) merging; the checkpoint keeps the setting and the plain weights;
+    a resume must keep it; export then writes the merged graphs without being told."""
+    from vitdeploy.checkpoint import load_checkpoint
+    from vitdeploy.export.artifacts import _tome_plan
+    from vitdeploy.models import load_model
+    from vitdeploy.train import TrainConfig, run_training
+
+    config = TrainConfig.from_options("vit_cifar_tiny", data_dir=str(cifar_root), out=str(tmp_path / "run"), epochs=1,
+                                      batch_size=16, val_size=40, test_size=16, device="cpu", max_steps=2, ema=True,
+                                      tome="4")
+    run_training(config)
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["config"]["tome"] == "4"
+    loaded = load_model(tmp_path / "run")  # the plain architecture: the weights do not depend on merging
+    assert tome.merging_of(loaded.module) is None
+    lines: list[str] = []
+    plan = _tome_plan(ExportOptions(source=tmp_path / "run", out=tmp_path / "art"), loaded, lines.append)
+    assert [m.label for m in plan.mergings] == ["4"] and "fine-tuned with --tome 4" in lines[0]
+    assert _tome_plan(ExportOptions(source=tmp_path / "run", out=tmp_path / "art", tome=(None,)), loaded,
+                      lines.append).mergings == ()  # --tome 0: unmerged only
+    with pytest.raises(VitDeployError, match="--tome 4, not 2"):
+        TrainConfig.from_dict(checkpoint["config"]).resumed({"tome": "2"})
+
+
+def test_merging_survives_the_copies_training_makes() -> None:
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    module = tome.apply(build_model(TINY), tome.plan(TINY, 4))
+    for twin in (copy.deepcopy(module), AveragedModel(module).module):  # the EMA is a deep copy
+        assert tome.merging_of(twin) == tome.plan(TINY, 4)
+        assert twin.encoder.layers.forward.__self__ is twin.encoder.layers  # bound to the copy, not the original
+
+
+@pytest.mark.parametrize("value, message", [("99", "at most 32"), ("auto", "for export"), ("x", "takes R")])
+def test_train_refuses_bad_tome(cifar_root: Path, tmp_path: Path, value: str, message: str) -> None:
+    from vitdeploy.train import TrainConfig
+
+    with pytest.raises(VitDeployError, match=message):
+        TrainConfig.from_options("vit_cifar_tiny", data_dir=str(cifar_root), out=str(tmp_path / "run"), tome=value)

@@ -592,6 +592,10 @@ def explain(
     check_explain_out(out, images)
     loaded = load_explained_model(source, checkpoint)
     classes, path = loaded.class_names, loaded.path
+    trained_tome = loaded.checkpoint["config"].get("tome")
+    if trained_tome:  # attention maps need one token per patch: a merged model has none to show
+        console.print(f"note: the run was fine-tuned with --tome {escape(str(trained_tome))}; the maps and classes here are "
+                      "of the model without token merging (explain does not merge tokens)")
     top_k = default_top_k(len(classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(classes):
         raise VitDeployError(f"--top-k must be between 1 and {len(classes)}")

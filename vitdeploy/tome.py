@@ -16,15 +16,18 @@ TensorRT parses it, and ties are broken the same way (lowest position first) on 
 runtime. The number merged per block is fixed by the schedule, so every shape is static
 and known at export.
 
-`Merging` is the one description of a schedule (CLI values, manifest records, checkpoints);
-`apply` switches a model's blocks to merging in place, without changing its weights.
+`Merging` is the one description of a schedule (CLI values, manifest records);
+`apply` switches a model's blocks to merging in place, without changing its weights: torchvision's
+EncoderBlock, timm's Block and transformers' ViTLayer/DeiTLayer (each block's own attention and MLP,
+layer scale and norms included, with the merge between them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import MethodType
 from typing import TYPE_CHECKING, Any
@@ -115,7 +118,6 @@ def plan(spec: ModelSpec, asked: int | tuple[int, ...] | None) -> Merging | None
         return None
     if not isinstance(asked, (int, tuple)) or isinstance(asked, bool):
         raise VitDeployError(f"--tome {asked!r}: give R or a schedule R1,R2,...")
-    check_model(spec)
     patches, depth = patch_tokens(spec), spec.num_layers
     if isinstance(asked, int):
         if not 0 < asked <= patches // 2:
@@ -152,72 +154,65 @@ def auto_candidates(spec: ModelSpec) -> list[int]:
     return sorted((v for v in values if v > 0), reverse=True)
 
 
-def from_record(record: Any, spec: ModelSpec, where: str) -> Merging:
-    """A merging stored by `to_record` (a manifest or checkpoint: possibly hostile), re-planned from
-    its r or schedule against the model and required to be the same."""
-    if not isinstance(record, dict) or not isinstance(record.get("schedule"), list) or \
-            not all(isinstance(v, int) and not isinstance(v, bool) for v in record["schedule"]):
-        raise VitDeployError(f"{where} holds a damaged token-merging record")
-    r = record.get("r")
-    try:
-        merging = plan(spec, r if isinstance(r, int) and not isinstance(r, bool) else tuple(record["schedule"]))
-    except VitDeployError as exc:
-        raise VitDeployError(f"{where} holds a token-merging record that does not fit the model ({exc})") from None
-    if merging is None or merging.to_record() != record:
-        raise VitDeployError(f"{where} holds a damaged token-merging record (it does not match its own schedule)")
-    return merging
-
-
 # -- the model option --------------------------------------------------------------------
 
 
-def check_model(spec: ModelSpec) -> None:
-    """Whether vitdeploy can merge tokens in this model's blocks (torchvision's and timm's ViTs)."""
-    if spec.source == "hf":
-        raise VitDeployError(f"--tome is not available for Hugging Face models ({spec.name}) yet: it merges tokens in "
-                             "torchvision's and timm's ViT blocks; drop --tome, or deploy the timm version (timm:NAME)")
-
-
-def _blocks(model: nn.Module) -> tuple[nn.Sequential, str]:
-    """The sequence of transformer blocks of a model, and whose blocks they are."""
+def _blocks(model: nn.Module) -> tuple[list[nn.Module], Callable[..., Any]]:
+    """The transformer blocks of a model, and the merging step for their kind."""
     from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-    if isinstance(model, VisionTransformer):
-        layers = model.encoder.layers
-        if all(type(b) is EncoderBlock for b in layers):
-            return layers, "torchvision"
-    else:
-        try:
-            from timm.models.vision_transformer import Attention, Block
-            from timm.models.vision_transformer import VisionTransformer as TimmViT
-        except ImportError:
-            TimmViT = None  # noqa: N806 - timm is optional
-        if TimmViT is not None and isinstance(model, TimmViT):
-            if all(type(b) is Block and type(b.attn) is Attention for b in model.blocks):
-                return model.blocks, "timm"
-            raise VitDeployError(f"--tome merges tokens in timm's standard ViT blocks; this model's are "
-                                 f"{type(model.blocks[0]).__name__}: drop --tome")
-    raise VitDeployError(f"--tome cannot merge tokens in a {type(model).__name__}; it works on torchvision's and timm's ViTs")
+    from vitdeploy.sources.hf_vit import HFClassifier
+
+    if isinstance(model, VisionTransformer) and all(type(b) is EncoderBlock for b in model.encoder.layers):
+        return list(model.encoder.layers), _torchvision_block
+    if isinstance(model, HFClassifier):
+        base = getattr(model.hf, "vit", None) or getattr(model.hf, "deit", None)
+        layers = list(getattr(base, "layers", None) or ())
+        if layers and all(type(b).__name__ in ("ViTLayer", "DeiTLayer") and hasattr(b.attention, "q_proj") for b in layers):
+            return layers, _hf_block
+        raise VitDeployError(f"--tome merges tokens in transformers' ViTLayer and DeiTLayer blocks (transformers 5's "
+                             f"layout); this model's are {type(layers[0]).__name__ if layers else 'not found'}: drop --tome")
+    if type(model).__module__.startswith("timm."):
+        from timm.models.vision_transformer import Attention, Block
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        if isinstance(model, TimmViT) and all(type(b) is Block and type(b.attn) is Attention for b in model.blocks):
+            return list(model.blocks), _timm_block
+        raise VitDeployError("--tome merges tokens in timm's standard ViT blocks (Block with Attention); this model's "
+                             f"are {type(model.blocks[0]).__name__ if hasattr(model, 'blocks') else 'not found'}: drop --tome")
+    raise VitDeployError(f"--tome cannot merge tokens in a {type(model).__name__}; it works on torchvision's, timm's "
+                         "and transformers' ViTs")
+
+
+class _Sizes:
+    """The token sizes of one forward pass, handed from block to block (the first block starts afresh)."""
+
+    value: torch.Tensor | None = None
 
 
 def apply(model: nn.Module, merging: Merging | None) -> nn.Module:
     """Switch `model`'s blocks to merge tokens by `merging` (None: back to the plain blocks), in place;
-    the weights and the state dict stay the same. Returns the model."""
-    blocks, kind = _blocks(model)
-    if "forward" in vars(blocks):
-        del blocks.forward
-    blocks.tome = merging
-    if merging is not None:
-        if len(merging.schedule) != len(blocks):
-            raise VitDeployError(f"the token-merging schedule has {len(merging.schedule)} values for {len(blocks)} blocks")
-        blocks.forward = MethodType(_forward_merging, blocks)
-        blocks.tome_kind = kind
+    the weights and the state dict stay the same. Returns the model. Each block's forward is replaced
+    by its merging step, bound to the block, so copies of the model (an EMA) merge as well."""
+    blocks, step = _blocks(model)
+    for block in blocks:
+        vars(block).pop("forward", None)
+        vars(block).pop("tome", None)
+    if merging is None:
+        return model
+    if len(merging.schedule) != len(blocks):
+        raise VitDeployError(f"the token-merging schedule has {len(merging.schedule)} values for {len(blocks)} blocks")
+    sizes = _Sizes()
+    for i, (block, r) in enumerate(zip(blocks, merging.schedule, strict=True)):
+        block.forward = MethodType(functools.partial(_merging_forward, step=step, r=r, first=i == 0, sizes=sizes,
+                                                     prefix=merging.prefix), block)
+    blocks[0].tome = merging
     return model
 
 
 def merging_of(model: nn.Module) -> Merging | None:
     """The merging `apply` set on `model` (None: its blocks run unmerged)."""
-    return getattr(_blocks(model)[0], "tome", None)
+    return vars(_blocks(model)[0][0]).get("tome")
 
 
 @contextlib.contextmanager
@@ -230,13 +225,10 @@ def merged(model: nn.Module, merging: Merging | None) -> Iterator[nn.Module]:
         apply(model, None)
 
 
-def _forward_merging(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The blocks' forward with merging: the token sizes travel from block to block."""
-    merging: Merging = blocks.tome
-    block_step = _torchvision_block if blocks.tome_kind == "torchvision" else _timm_block
-    size = None
-    for block, r in zip(blocks, merging.schedule, strict=True):
-        x, size = block_step(block, x, size, r, merging.prefix)
+def _merging_forward(block: nn.Module, x: torch.Tensor, *_args: Any, step: Callable[..., Any], r: int, first: bool,
+                     sizes: _Sizes, prefix: int, **_kwargs: Any) -> torch.Tensor:
+    """One block's forward with merging (the block's other arguments, attention masks, are not used by ViT classifiers)."""
+    x, sizes.value = step(block, x, None if first else sizes.value, r, prefix)
     return x
 
 
@@ -284,6 +276,20 @@ def _timm_block(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None, r:
     if r:
         x, size = merge(x, size, k.mean(1), r, prefix)
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), size
+
+
+def _hf_block(block: nn.Module, x: torch.Tensor, size: torch.Tensor | None, r: int,
+              prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' ViTLayer / DeiTLayer with merging between attention and MLP."""
+    attn = block.attention
+    b, n, _ = x.shape
+    h = block.layernorm_before(x)
+    q, k, v = (proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = _attention(q, k, v, size, attn.attention_dropout if block.training else 0.0, attn.scaling)
+    x = x + block.dropout(attn.o_proj(out.transpose(1, 2).reshape(b, n, -1)))
+    if r:
+        x, size = merge(x, size, k.mean(1), r, prefix)
+    return x + block.dropout(block.mlp(block.layernorm_after(x))), size
 
 
 def _earlier(n: int, device: torch.device) -> torch.Tensor:

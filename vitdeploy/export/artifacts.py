@@ -338,7 +338,6 @@ def _tome_plan(options: ExportOptions, loaded: LoadedModel, say: Say) -> _TomePl
     if tome.AUTO in asked:
         if len(asked) > 1:
             raise VitDeployError("--tome auto chooses one r: give it alone, or list the r values to export instead")
-        tome.check_model(spec)
         return _TomePlan(tuple(tome.plan(spec, r) for r in tome.auto_candidates(spec)), auto=True)
     mergings = [tome.plan(spec, value) for value in asked]
     return _TomePlan(tuple(dict.fromkeys(m for m in mergings if m is not None)))
