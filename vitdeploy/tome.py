@@ -1,7 +1,7 @@
 """Token merging (ToMe, Bolya et al., ICLR 2023) as a model option: in every block, between
 attention and MLP, the `r` most similar pairs of tokens are averaged into one, so later
-blocks run on fewer tokens. No retraining is needed; fine-tuning with it on recovers most
-of the accuracy it costs.
+blocks run on fewer tokens. No retraining is needed; the paper reports that fine-tuning with
+it on recovers most of the accuracy it costs (`train --tome`).
 
 As in the paper: bipartite soft matching on the attention keys averaged over heads (tokens
 at even positions are set A, odd positions set B; each A token's most similar B token is
