@@ -166,8 +166,8 @@ def test_bad_tome_values_are_one_error_line_and_write_nothing(trained: Path, cif
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_serving_commands_refuse_auto(tome_art: Path) -> None:
-    done = run_cli("bench", str(tome_art), "--tome", "auto")
+def test_serving_commands_refuse_auto(tmp_path: Path) -> None:
+    done = run_cli("bench", str(tmp_path), "--tome", "auto")  # refused before any folder is read
     assert done.returncode == 1 and "chooses r at export" in done.stderr
 
 
