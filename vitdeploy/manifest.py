@@ -232,8 +232,8 @@ def _artifact(artifact: Any, where: str) -> None:
 
 
 def _tome(record: Any, where: str) -> None:
-    """A merged graph's token-merging record: its label and a schedule of at most 1000 blocks
-    (`tome.from_record` checks it against the model where the schedule is used)."""
+    """A merged graph's token-merging record: its label (how bench, serve and predict find the file)
+    and a schedule of at most 1000 blocks."""
     label = _field(record, "label", str, where)
     if not re.fullmatch(r"[0-9]+(-[0-9]+)*", label) or len(label) > 8000:
         raise VitDeployError(f"{where}.label must be R or R1-R2-...")

@@ -40,6 +40,16 @@ TOLERANCES = {
 }
 
 
+TOME_MAX_ACCURACY_DROP = 1.0  # percentage points a token-merged artifact may lose (--tome-max-accuracy-drop)
+
+
+def merged_tolerance(precision: Tolerance, max_accuracy_drop: float = TOME_MAX_ACCURACY_DROP) -> Tolerance:
+    """The gate of a token-merged artifact against the unmerged fp32 reference: accuracy alone (merging
+    changes logits well away from ties), `max_accuracy_drop` points plus what its precision's own
+    tolerance (`precision`) lets it lose."""
+    return Tolerance(None, None, max_accuracy_drop + precision.max_accuracy_drop)
+
+
 def top2_margin(logits: np.ndarray) -> np.ndarray:
     top2 = np.sort(logits, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]

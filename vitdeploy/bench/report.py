@@ -1,6 +1,6 @@
 """The files `vitdeploy bench` writes: bench.json (the whole report), bench.csv (one row
-per backend x precision x mode x batch size) and bench.png (latency and throughput against
-batch size), each written whole or not at all."""
+per backend x precision x token merging x mode x batch size) and bench.png (latency and
+throughput against batch size, accuracy against throughput), each written whole or not at all."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from vitdeploy.datasets import parity_set
 from vitdeploy.errors import VitDeployError
 from vitdeploy.images import Fit
 from vitdeploy.manifest import read_manifest
-from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe
+from vitdeploy.parity import TOLERANCES, Tolerance, compare, describe, merged_tolerance
 from vitdeploy.preprocess import Preprocessing
 from vitdeploy.versions import (
     SIMD_FLAGS,
@@ -102,10 +102,10 @@ class BenchOptions:
 
     def tolerance(self, precision: str, tome: str | None = None) -> Tolerance:
         """The default tolerance of `precision`, with the options given on the command line. Merged runs
-        are judged by accuracy alone (as export's gate): --max-accuracy-drop, else 1 point plus the precision's."""
+        are judged by accuracy alone, as export's gate: --max-accuracy-drop in all, else that gate's default."""
         if tome is not None:
-            drop = self.max_accuracy_drop
-            return Tolerance(None, None, TOLERANCES[precision].max_accuracy_drop + 1.0 if drop is None else drop)
+            default = merged_tolerance(TOLERANCES[precision])
+            return default if self.max_accuracy_drop is None else replace(default, max_accuracy_drop=self.max_accuracy_drop)
         overrides = {k: v for k, v in (("max_abs", self.max_abs), ("margin", self.margin),
                                        ("max_accuracy_drop", self.max_accuracy_drop)) if v is not None}
         return replace(TOLERANCES[precision], **overrides)

@@ -78,7 +78,7 @@ class ExportOptions:
     class_names: Path | None = None  # a model name as SOURCE: its class names, one per line
     resize: str | None = None  # the graph's resize mode, where the model's cannot become an engine (bicubic)
     tome: tuple[int | tuple[int, ...] | str | None, ...] = ()  # token mergings (tome.parse): also write merged graphs
-    tome_max_accuracy_drop: float = 1.0
+    tome_max_accuracy_drop: float = parity.TOME_MAX_ACCURACY_DROP
 
     @property
     def published(self) -> bool:
@@ -98,7 +98,7 @@ class ExportOptions:
             base = replace(base, max_accuracy_drop=self.int8_max_accuracy_drop)
         if merging is None:
             return base
-        return parity.Tolerance(None, None, self.tome_max_accuracy_drop + base.max_accuracy_drop)
+        return parity.merged_tolerance(base, self.tome_max_accuracy_drop)
 
     @property
     def profiles(self) -> tuple[tensorrt.Profile, ...]:
